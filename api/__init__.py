@@ -1,0 +1,1 @@
+"""The HTTP API: falcon resources, middleware and error rendering."""

@@ -1,0 +1,1 @@
+"""Shared domain pieces: errors, configuration, money and time formats."""

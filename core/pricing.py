@@ -1,0 +1,64 @@
+"""Token estimates, output caps, item costs and the items digest (SPEC §3), integers only."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from core.money import line_cost_micro
+
+TEXT_FREE_KEYS = ("role", "type")
+
+
+def count_chars(value: Any) -> int:
+    """Total length of every string value, except the values of `role` and `type` keys."""
+    total = 0
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            total += len(node)
+        elif isinstance(node, dict):
+            for key, child in node.items():
+                if key in TEXT_FREE_KEYS and isinstance(child, str):
+                    continue
+                stack.append(child)
+        elif isinstance(node, list):
+            stack.extend(node)
+    return total
+
+
+def estimate_input_tokens(body: Any) -> int:
+    return -(-count_chars(body) // 4)
+
+
+def output_cap(item: dict, default_max_output_tokens: int) -> int:
+    if item["operation"] == "embeddings":
+        return 0
+    if item.get("max_output_tokens") is not None:
+        return item["max_output_tokens"]
+    body = item.get("input") or {}
+    for key in ("max_output_tokens", "max_completion_tokens", "max_tokens"):
+        value = body.get(key) if isinstance(body, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return default_max_output_tokens
+
+
+def max_cost_micro(est_input_tokens: int, out_cap: int, in_nano: int, out_nano: int) -> int:
+    """The SPEC's ceiling: ceil(estimate x 1.1) input tokens plus the full output cap."""
+    padded = -(-est_input_tokens * 11 // 10)
+    return line_cost_micro(padded, out_cap, in_nano, out_nano, round_up=True)
+
+
+def estimated_cost_micro(est_input_tokens: int, out_cap: int, in_nano: int, out_nano: int) -> int:
+    return line_cost_micro(est_input_tokens, out_cap, in_nano, out_nano)
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def items_digest(items: list[dict]) -> str:
+    return hashlib.sha256(canonical_json(items)).hexdigest()

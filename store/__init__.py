@@ -1,0 +1,1 @@
+"""Persistence: database, journal, artifacts, ledger; all SQL lives here."""

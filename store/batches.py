@@ -1,0 +1,35 @@
+"""Batch reads for the API: one batch, a page of batches, a stored idempotent response."""
+from __future__ import annotations
+
+from peewee import fn
+
+from store.models import Batch, IdempotencyKey, Item
+from store.pages import page
+
+
+def get_batch(batch_id: str, account_id: str, mode: str) -> Batch | None:
+    batch = Batch.get_or_none(Batch.id == batch_id)
+    if batch is None or batch.account_id != account_id or batch.mode != mode or batch.deleted_at:
+        return None
+    return batch
+
+
+def list_batches(account_id: str, mode: str, status: str | None, limit: int,
+                 after: str | None) -> tuple[list[Batch], bool]:
+    query = Batch.select().where(Batch.account == account_id, Batch.mode == mode,
+                                 Batch.deleted_at.is_null())
+    if status:
+        query = query.where(Batch.status == status)
+    return page(query, Batch, limit, after)
+
+
+def find_idempotent(account_id: str, mode: str, key: str) -> IdempotencyKey | None:
+    return IdempotencyKey.get_or_none(IdempotencyKey.account_id == account_id,
+                                      IdempotencyKey.mode == mode, IdempotencyKey.key == key)
+
+
+def counts_by_status() -> tuple[dict[str, int], dict[str, int]]:
+    """(batches by status, items by status), for /metrics."""
+    batches = dict(Batch.select(Batch.status, fn.COUNT(Batch.id)).group_by(Batch.status).tuples())
+    items = dict(Item.select(Item.status, fn.COUNT(Item.id)).group_by(Item.status).tuples())
+    return batches, items

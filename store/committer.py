@@ -1,0 +1,202 @@
+"""Group commit: one thread appends records to the journal, fsyncs, applies them, acknowledges.
+
+Callers hand over records and wait on a Future; the thread takes everything queued, writes it
+with one fsync, then applies it to SQLite in one transaction that also stores the journal
+position reached. Only then are the callers answered, so an acknowledged record is durable
+and visible. A single applier keeps journal order and SQLite order the same, which is what
+makes replay exact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import peewee
+
+from store import view
+from store.journal import Journal
+from store.models import JournalState
+
+log = logging.getLogger("batchrouter.committer")
+Encoded = tuple[dict, bytes]
+
+
+def encode(record: dict) -> Encoded:
+    return record, json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+@dataclass
+class _Command:
+    records: list[Encoded]
+    future: Future = field(default_factory=Future)
+
+
+class CommitterStopped(RuntimeError):
+    """The committer is not running; nothing was written."""
+
+
+class Committer:
+    def __init__(self, journal: Journal, db: peewee.Database, *, max_group_records: int = 20000) -> None:
+        self._journal = journal
+        self._db = db
+        self._queue: queue.Queue[_Command | None] = queue.Queue()
+        self._max_group = max_group_records
+        self._thread: threading.Thread | None = None
+        self._running = False
+
+    # ---- recovery ------------------------------------------------------------------------
+
+    def applied_position(self) -> int:
+        row = JournalState.get_or_none(JournalState.id == 1)
+        return row.applied_position if row else self._journal.start_position
+
+    def replay(self, batch_size: int = 2000) -> int:
+        """Applies every journal record past the applied position; aborts torn submits."""
+        count, chunk = 0, []
+        open_submits: set[str] = set()
+        for position, next_position, payload in self._journal.iter_from(self.applied_position()):
+            record = json.loads(payload)
+            if record["type"] == "batch.submitted":
+                open_submits.add(record["batch"]["id"])
+            elif record["type"] in ("batch.committed", "batch.aborted"):
+                open_submits.discard(record["batch_id"])
+            chunk.append((record, position))
+            if len(chunk) >= batch_size:
+                self._apply_resilient(chunk, next_position)
+                count += len(chunk)
+                chunk = []
+        if chunk:
+            self._apply_resilient(chunk, self._journal.end_position)
+            count += len(chunk)
+        for batch_id in sorted(open_submits):
+            log.warning("batch %s was torn by a crash before its 202; discarding it", batch_id)
+            record, payload = encode({"type": "batch.aborted", "batch_id": batch_id})
+            [position] = self._journal.append([payload])
+            self._journal.sync()
+            self._apply([(record, position)], self._journal.end_position)
+        return count
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="committer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._running = False
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._thread = None
+
+    def submit(self, records: Iterable[Encoded]) -> Future:
+        if not self._running:
+            raise CommitterStopped("the service is shutting down")
+        command = _Command(list(records))
+        self._queue.put(command)
+        return command.future
+
+    def commit(self, records: Iterable[Encoded], timeout: float | None = None) -> list[int]:
+        """Durable and applied when this returns; the records' journal positions."""
+        return self.submit(records).result(timeout=timeout)
+
+    def _take_group(self) -> list[_Command] | None:
+        first = self._queue.get()
+        if first is None:
+            return None
+        group, size = [first], len(first.records)
+        while size < self._max_group:
+            try:
+                command = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if command is None:
+                self._queue.put(None)       # stop after this group
+                break
+            group.append(command)
+            size += len(command.records)
+        return group
+
+    def _loop(self) -> None:
+        while True:
+            group = self._take_group()
+            if group is None:
+                break
+            self._write_group(group)
+        # Drain what arrived after the stop request so no caller waits forever.
+        while True:
+            try:
+                command = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if command is not None:
+                command.future.set_exception(CommitterStopped("the service is shutting down"))
+
+    def _write_group(self, group: list[_Command]) -> None:
+        try:
+            positions = self._journal.append([payload for c in group for _, payload in c.records])
+            self._journal.sync()
+        except Exception as exc:  # disk full, I/O error: nothing acknowledged
+            log.exception("journal write failed")
+            for command in group:
+                command.future.set_exception(exc)
+            return
+        spans, start = [], 0
+        for command in group:
+            spans.append(positions[start:start + len(command.records)])
+            start += len(command.records)
+        pairs = [(record, pos) for c, span in zip(group, spans)
+                 for (record, _), pos in zip(c.records, span)]
+        failed = self._apply_resilient(pairs, self._journal.end_position)
+        start = 0
+        for command, span in zip(group, spans):
+            errors = [failed[i] for i in range(start, start + len(span)) if i in failed]
+            start += len(span)
+            if errors:
+                command.future.set_exception(errors[0])
+            else:
+                command.future.set_result(span)
+
+    def _apply_resilient(self, pairs: list[tuple[dict, int]], end_position: int) -> dict[int, Exception]:
+        """Applies in one transaction; if that fails, record by record, skipping the bad ones.
+
+        A record that cannot be applied is a bug; skipping it (loudly) keeps every other
+        record flowing rather than wedging the service on one poison record.
+        """
+        try:
+            self._apply(pairs, end_position)
+            return {}
+        except Exception:
+            log.exception("applying a group failed; applying record by record")
+        failed: dict[int, Exception] = {}
+        for index, (record, position) in enumerate(pairs):
+            following = pairs[index + 1][1] if index + 1 < len(pairs) else end_position
+            try:
+                self._apply([(record, position)], following)
+            except Exception as exc:
+                log.exception("record %s at %d could not be applied; skipped", record.get("type"), position)
+                failed[index] = exc
+                with self._db.atomic():
+                    self._store_position(following)
+        return failed
+
+    def _apply(self, pairs: list[tuple[dict, int]], end_position: int) -> None:
+        group = view.GroupState()
+        with self._db.atomic():
+            for record, position in pairs:
+                view.apply(record, position, group)
+            view.finish_group(group)
+            self._store_position(end_position)
+
+    @staticmethod
+    def _store_position(position: int) -> None:
+        JournalState.insert(id=1, applied_position=position).on_conflict(
+            conflict_target=[JournalState.id],
+            update={JournalState.applied_position: position}).execute()

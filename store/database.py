@@ -1,0 +1,65 @@
+"""Opening the database from a URL, and the numbered migrations that build or upgrade it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import unquote, urlparse
+
+import peewee
+
+from store import models
+
+SQLITE_PRAGMAS = {
+    "journal_mode": "wal",
+    "synchronous": 2,          # FULL: a committed transaction survives power loss
+    "foreign_keys": 1,
+    "busy_timeout": 30000,
+    "cache_size": -16000,
+}
+
+
+def open_database(url: str) -> peewee.Database:
+    """sqlite:///path or postgresql://user:pass@host/db -> a connected peewee database."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":
+        path = unquote(parsed.path)
+        if url.startswith("sqlite:////"):
+            path = "/" + path.lstrip("/")
+        elif url.startswith("sqlite:///"):
+            path = path[1:] if path.startswith("/") else path
+        database: peewee.Database = peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS,
+                                                          check_same_thread=False)
+    elif parsed.scheme in ("postgres", "postgresql"):
+        database = peewee.PostgresqlDatabase(
+            parsed.path.lstrip("/"), user=unquote(parsed.username or "") or None,
+            password=unquote(parsed.password or "") or None,
+            host=parsed.hostname, port=parsed.port)
+    else:
+        raise ValueError(f"unsupported database URL scheme {parsed.scheme!r} (sqlite or postgresql)")
+    models.database_proxy.initialize(database)
+    database.connect(reuse_if_open=True)
+    migrate(database)
+    return database
+
+
+def _migration_1(database: peewee.Database) -> None:
+    database.create_tables(models.ALL_MODELS)
+
+
+# Ordered, numbered; an older database runs the ones it has not seen yet, each in a transaction.
+MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1]
+
+
+def migrate(database: peewee.Database) -> int:
+    database.create_tables([models.SchemaVersion])
+    with database.atomic():
+        row = models.SchemaVersion.get_or_none(models.SchemaVersion.id == 1)
+        current = row.version if row else 0
+    for number, step in enumerate(MIGRATIONS, start=1):
+        if number <= current:
+            continue
+        with database.atomic():
+            step(database)
+            models.SchemaVersion.insert(id=1, version=number).on_conflict(
+                conflict_target=[models.SchemaVersion.id],
+                update={models.SchemaVersion.version: number}).execute()
+    return len(MIGRATIONS)

@@ -1,0 +1,187 @@
+"""The job queue: the narrow interface between the API, the scheduler and durable storage.
+
+    submit_batch(records)           durable batch + items (journal fsync, then SQLite view)
+    request_cancel / delete_batch   state changes a client asks for
+    claim_due(limit, now)           queued items whose time has come, earliest deadline first
+    read_item(claim)                the item's submitted payload, streamed from the journal
+    complete(...) / retry(...)      an attempt's outcome, recorded exactly once
+    expire_overdue(now)             items past their batch's deadline end `expired`
+    batches_to_finalize / end_batch artifacts written, then the final status
+    iter_results(batch_id)          result lines so far, in submission order
+    recover()                       replay the journal, put in-flight items back in the queue
+    checkpoint()                    drop journal segments nothing needs any more
+
+This implementation keeps the journal under the data directory and the view in SQLite. A
+PostgreSQL-backed queue can implement the same methods with SELECT ... FOR UPDATE SKIP LOCKED
+so many API and worker processes share one queue.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import peewee
+
+from core.clock import rfc3339
+from core.money import format_usd
+from store.committer import Committer, encode
+from store.journal import Journal
+from store.models import Batch, BatchStatus, Item, ItemStatus
+
+
+@dataclass(frozen=True)
+class Claim:
+    batch_id: str
+    idx: int
+    input_position: int
+    route_index: int
+    attempts: list
+    deadline_at: float
+
+
+class JobQueue:
+    def __init__(self, db: peewee.Database, journal: Journal, committer: Committer) -> None:
+        self.db = db
+        self.journal = journal
+        self.committer = committer
+
+    # ---- API side ----------------------------------------------------------------------------
+
+    def submit_batch(self, batch: dict, items: list[dict], idempotency: dict | None) -> None:
+        """The batch, its items and its idempotent 202 in one group; durable when it returns.
+
+        The closing batch.committed record lets replay tell a whole submit from a torn one.
+        """
+        records = [encode({"type": "batch.submitted", "batch": batch, "idempotency": idempotency})]
+        records.extend(encode({"type": "item.submitted", **item}) for item in items)
+        records.append(encode({"type": "batch.committed", "batch_id": batch["id"]}))
+        self.committer.commit(records)
+
+    def request_cancel(self, batch_id: str, at: float) -> None:
+        self.committer.commit([encode({"type": "batch.cancel_requested", "batch_id": batch_id,
+                                       "at": at})])
+
+    def delete_batch(self, batch_id: str, at: float) -> None:
+        self.committer.commit([encode({"type": "batch.deleted", "batch_id": batch_id, "at": at})])
+
+    # ---- scheduler side ------------------------------------------------------------------------
+
+    def claim_due(self, limit: int, now: float) -> list[Claim]:
+        if limit <= 0:
+            return []
+        rows = (Item.select(Item.batch, Item.idx, Item.input_position, Item.route_index,
+                            Item.attempts, Item.deadline_at)
+                .where(Item.status == ItemStatus.QUEUED.value, Item.next_attempt_at <= now)
+                .order_by(Item.status, Item.deadline_at, Item.batch, Item.idx)
+                .limit(limit).tuples())
+        claims = [Claim(b, i, pos, route, json.loads(attempts), deadline)
+                  for b, i, pos, route, attempts, deadline in rows]
+        if claims:
+            grouped: dict[str, list[int]] = {}
+            for claim in claims:
+                grouped.setdefault(claim.batch_id, []).append(claim.idx)
+            self.committer.commit([encode({"type": "items.claimed", "items": grouped, "at": now})])
+        return claims
+
+    def read_item(self, claim: Claim) -> dict:
+        return json.loads(self.journal.read(claim.input_position))
+
+    def complete(self, claim: Claim, *, status: str, result: dict, cost_micro: int,
+                 ledger: dict | None, at: float) -> None:
+        """An item's final outcome (succeeded or failed), with its ledger entry if billed."""
+        self.committer.commit([encode({"type": "item.ended", "batch_id": claim.batch_id,
+                                       "idx": claim.idx, "status": status, "result": result,
+                                       "cost_micro": cost_micro, "ledger": ledger, "at": at})])
+
+    def retry(self, claim: Claim, *, next_attempt_at: float, route_index: int, attempts: list,
+              at: float) -> None:
+        self.committer.commit([encode({"type": "item.retrying", "batch_id": claim.batch_id,
+                                       "idx": claim.idx, "next_attempt_at": next_attempt_at,
+                                       "route_index": route_index, "attempts": attempts,
+                                       "at": at})])
+
+    def expire_overdue(self, now: float) -> int:
+        overdue = [b for (b,) in Batch.select(Batch.id).where(
+            Batch.ended_at.is_null(), Batch.deadline_at <= now, Batch.queued > 0).tuples()]
+        if overdue:
+            self.committer.commit([encode({"type": "batch.deadline_passed", "batch_id": b,
+                                           "at": now}) for b in overdue])
+        return len(overdue)
+
+    def batches_to_finalize(self) -> list[Batch]:
+        return list(Batch.select().where(Batch.finalize_pending == True))  # noqa: E712
+
+    def end_batch(self, batch_id: str, status: str, artifacts: list[str], at: float) -> None:
+        self.committer.commit([encode({"type": "batch.ended", "batch_id": batch_id,
+                                       "status": status, "artifacts": artifacts, "at": at})])
+
+    def recover(self) -> int:
+        """Replays what SQLite missed; items that were running when we stopped run again."""
+        applied = self.committer.replay()
+        with self.db.atomic():
+            running = (Item.select(Item.batch, peewee.fn.COUNT(Item.id))
+                       .where(Item.status == ItemStatus.RUNNING.value)
+                       .group_by(Item.batch).tuples())
+            for batch_id, count in list(running):
+                Item.update(status=ItemStatus.QUEUED.value).where(
+                    Item.batch == batch_id, Item.status == ItemStatus.RUNNING.value).execute()
+                Batch.update(running=Batch.running - count, queued=Batch.queued + count).where(
+                    Batch.id == batch_id).execute()
+        return applied
+
+    def checkpoint(self) -> int:
+        """Drops segments before the oldest record any unfinished batch still needs."""
+        applied = self.committer.applied_position()
+        oldest_open = (Batch.select(peewee.fn.MIN(Batch.first_position))
+                       .where(Batch.ended_at.is_null()).scalar())
+        keep_from = applied if oldest_open is None else min(applied, oldest_open)
+        return self.journal.drop_segments_before(keep_from)
+
+    # ---- results -------------------------------------------------------------------------------
+
+    def iter_results(self, batch_id: str, statuses: tuple[str, ...] | None = None,
+                     chunk: int = 1000) -> Iterator[dict]:
+        """Result lines of ended items in submission order, streamed chunk by chunk."""
+        wanted = statuses or tuple(s.value for s in (ItemStatus.SUCCEEDED, ItemStatus.FAILED,
+                                                     ItemStatus.CANCELLED, ItemStatus.EXPIRED))
+        last = -1
+        while True:
+            rows = list(Item.select().where(Item.batch == batch_id, Item.idx > last,
+                                            Item.status.in_(wanted))
+                        .order_by(Item.idx).limit(chunk))
+            if not rows:
+                return
+            for row in rows:
+                yield self._result_line(row)
+            last = rows[-1].idx
+
+    def _result_line(self, row: Item) -> dict:
+        if row.result_position is not None:
+            return json.loads(self.journal.read(row.result_position))["result"]
+        return unfinished_line(row)
+
+
+def unfinished_line(row: Item) -> dict:
+    """The line of an item that ended without an outcome of its own (cancelled or expired)."""
+    reason = {"cancelled": "the batch was cancelled before this item ran",
+              "expired": "the batch's deadline passed before this item ran"}.get(row.status, "")
+    return {
+        "customer_item_id": row.customer_item_id, "status": row.status,
+        "operation": row.operation, "model": row.model, "provider": None, "response": None,
+        "output_text": None, "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        "cost_usd": format_usd(0), "attempts": json.loads(row.attempts),
+        "error": {"code": row.status, "message": reason, "provider_status": None},
+        "started_at": rfc3339(row.started_at), "completed_at": rfc3339(row.completed_at),
+    }
+
+
+def final_status(batch: Batch) -> str:
+    """SPEC §4: cancelled if asked, else completed if any succeeded, else expired, else failed."""
+    if batch.cancelled_at is not None:
+        return BatchStatus.CANCELLED.value
+    if batch.succeeded:
+        return BatchStatus.COMPLETED.value
+    if batch.expired:
+        return BatchStatus.EXPIRED.value
+    return BatchStatus.FAILED.value

@@ -1,0 +1,176 @@
+"""Applies journal records to the SQLite view (states, counts, ledger), deterministically.
+
+Every function here runs inside the committer's transaction, which also stores the journal
+position it has applied, so a replay after a crash applies each record exactly once. Nothing
+here reads the clock: every time comes from the record.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import peewee
+
+from store.models import Batch, BatchStatus, IdempotencyKey, Item, ItemStatus, LedgerEntry, Quote
+
+Record = dict[str, Any]
+ITEM_COLUMNS = ("batch", "idx", "account_id", "mode", "customer_item_id", "operation", "model",
+                "status", "deadline_at", "input_position", "est_input_tokens",
+                "max_output_tokens", "max_cost_micro")
+
+
+class GroupState:
+    """Per-transaction scratch: item rows inserted in bulk, batches to re-check for the end."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+        self.touched: set[str] = set()
+
+    def flush_items(self) -> None:
+        for start in range(0, len(self.items), 500):
+            Item.insert_many(self.items[start:start + 500],
+                             fields=[getattr(Item, c) for c in ITEM_COLUMNS]).execute()
+        self.items.clear()
+
+
+def _batch_submitted(rec: Record, pos: int, group: GroupState) -> None:
+    batch = rec["batch"]
+    Batch.insert(**batch, first_position=pos, status=BatchStatus.QUEUED.value,
+                 queued=batch["total"]).execute()
+    Quote.update(used_by=batch["id"]).where(Quote.id == batch["quote_id"]).execute()
+    idem = rec.get("idempotency")
+    if idem:
+        IdempotencyKey.insert(account_id=batch["account"], mode=batch["mode"], key=idem["key"],
+                              body_digest=idem["digest"], response=idem["response"],
+                              batch_id=batch["id"], created_at=batch["created_at"]).execute()
+
+
+def _item_submitted(rec: Record, pos: int, group: GroupState) -> None:
+    group.items.append((rec["batch_id"], rec["idx"], rec["account_id"], rec["mode"],
+                        rec["customer_item_id"], rec["operation"], rec["model"],
+                        ItemStatus.QUEUED.value, rec["deadline_at"], pos,
+                        rec["est_input_tokens"], rec["max_output_tokens"], rec["max_cost_micro"]))
+
+
+def _batch_committed(rec: Record, pos: int, group: GroupState) -> None:
+    group.flush_items()
+
+
+def _batch_aborted(rec: Record, pos: int, group: GroupState) -> None:
+    """A submit torn by a crash before its commit record: it never happened."""
+    group.items = [row for row in group.items if row[0] != rec["batch_id"]]
+    Item.delete().where(Item.batch == rec["batch_id"]).execute()
+    IdempotencyKey.delete().where(IdempotencyKey.batch_id == rec["batch_id"]).execute()
+    Quote.update(used_by=None).where(Quote.used_by == rec["batch_id"]).execute()
+    Batch.delete().where(Batch.id == rec["batch_id"]).execute()
+
+
+def _items_claimed(rec: Record, pos: int, group: GroupState) -> None:
+    for batch_id, indexes in rec["items"].items():
+        moved = (Item.update(status=ItemStatus.RUNNING.value,
+                             started_at=peewee.fn.COALESCE(Item.started_at, rec["at"]))
+                 .where(Item.batch == batch_id, Item.idx.in_(indexes),
+                        Item.status == ItemStatus.QUEUED.value).execute())
+        Batch.update(queued=Batch.queued - moved, running=Batch.running + moved,
+                     status=peewee.Case(None, [(Batch.status == BatchStatus.QUEUED.value,
+                                                BatchStatus.IN_PROGRESS.value)], Batch.status),
+                     started_at=peewee.fn.COALESCE(Batch.started_at, rec["at"])
+                     ).where(Batch.id == batch_id).execute()
+
+
+def _item_ended(rec: Record, pos: int, group: GroupState) -> None:
+    status = rec["status"]
+    moved = (Item.update(status=status, result_position=pos, cost_micro=rec.get("cost_micro", 0),
+                         completed_at=rec["at"])
+             .where(Item.batch == rec["batch_id"], Item.idx == rec["idx"],
+                    Item.status == ItemStatus.RUNNING.value).execute())
+    if not moved:
+        return          # already ended (e.g. a late outcome after a cancel): first outcome wins
+    column = getattr(Batch, status)
+    Batch.update({Batch.running: Batch.running - 1, column: column + 1,
+                  Batch.actual_micro: Batch.actual_micro + rec.get("cost_micro", 0)}
+                 ).where(Batch.id == rec["batch_id"]).execute()
+    ledger = rec.get("ledger")
+    if ledger:
+        LedgerEntry.insert(**ledger).on_conflict_ignore().execute()
+    group.touched.add(rec["batch_id"])
+
+
+def _item_retrying(rec: Record, pos: int, group: GroupState) -> None:
+    moved = (Item.update(status=ItemStatus.QUEUED.value, next_attempt_at=rec["next_attempt_at"],
+                         route_index=rec["route_index"], attempts=json.dumps(rec["attempts"]))
+             .where(Item.batch == rec["batch_id"], Item.idx == rec["idx"],
+                    Item.status == ItemStatus.RUNNING.value).execute())
+    if moved:
+        Batch.update(running=Batch.running - 1, queued=Batch.queued + 1).where(
+            Batch.id == rec["batch_id"]).execute()
+        # A cancel that arrived while it ran: it ends now instead of waiting in the queue.
+        batch = Batch.get_by_id(rec["batch_id"])
+        if batch.cancelled_at is not None:
+            _end_queued(rec["batch_id"], ItemStatus.CANCELLED, rec["at"])
+            group.touched.add(rec["batch_id"])
+
+
+def _end_queued(batch_id: str, status: ItemStatus, at: float) -> None:
+    moved = (Item.update(status=status.value, completed_at=at)
+             .where(Item.batch == batch_id, Item.status == ItemStatus.QUEUED.value).execute())
+    column = getattr(Batch, status.value)
+    Batch.update({Batch.queued: Batch.queued - moved, column: column + moved}).where(
+        Batch.id == batch_id).execute()
+
+
+def _cancel_requested(rec: Record, pos: int, group: GroupState) -> None:
+    updated = Batch.update(cancelled_at=rec["at"]).where(
+        Batch.id == rec["batch_id"], Batch.cancelled_at.is_null(),
+        Batch.ended_at.is_null()).execute()
+    if updated:
+        _end_queued(rec["batch_id"], ItemStatus.CANCELLED, rec["at"])
+        Batch.update(status=BatchStatus.CANCELLING.value).where(Batch.id == rec["batch_id"]).execute()
+        group.touched.add(rec["batch_id"])
+
+
+def _deadline_passed(rec: Record, pos: int, group: GroupState) -> None:
+    _end_queued(rec["batch_id"], ItemStatus.EXPIRED, rec["at"])
+    group.touched.add(rec["batch_id"])
+
+
+def _batch_ended(rec: Record, pos: int, group: GroupState) -> None:
+    Batch.update(status=rec["status"], ended_at=rec["at"], finalize_pending=False,
+                 artifacts=json.dumps(rec["artifacts"]),
+                 completed_at=rec["at"] if rec["status"] == BatchStatus.COMPLETED.value else None
+                 ).where(Batch.id == rec["batch_id"], Batch.ended_at.is_null()).execute()
+
+
+def _batch_deleted(rec: Record, pos: int, group: GroupState) -> None:
+    Item.delete().where(Item.batch == rec["batch_id"]).execute()
+    Batch.update(deleted_at=rec["at"], artifacts="[]").where(Batch.id == rec["batch_id"]).execute()
+
+
+APPLY: dict[str, Callable[[Record, int, GroupState], None]] = {
+    "batch.submitted": _batch_submitted,
+    "item.submitted": _item_submitted,
+    "batch.committed": _batch_committed,
+    "batch.aborted": _batch_aborted,
+    "items.claimed": _items_claimed,
+    "item.ended": _item_ended,
+    "item.retrying": _item_retrying,
+    "batch.cancel_requested": _cancel_requested,
+    "batch.deadline_passed": _deadline_passed,
+    "batch.ended": _batch_ended,
+    "batch.deleted": _batch_deleted,
+}
+
+
+def apply(record: Record, position: int, group: GroupState) -> None:
+    APPLY[record["type"]](record, position, group)
+
+
+def finish_group(group: GroupState) -> None:
+    """After a group: flag batches whose every item has ended, so the scheduler finalizes them."""
+    group.flush_items()
+    for batch_id in group.touched:
+        Batch.update(finalize_pending=True).where(
+            Batch.id == batch_id, Batch.queued == 0, Batch.running == 0,
+            Batch.ended_at.is_null()).execute()
+    group.touched.clear()

@@ -1,0 +1,1 @@
+"""Background work: scheduler, routing, providers, webhook delivery."""

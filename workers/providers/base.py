@@ -1,0 +1,223 @@
+"""Provider interface, upstream error classification and the HTTP plumbing providers share."""
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC
+from typing import Any, Protocol
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from core.errors import ProviderError
+
+OPERATIONS = ("responses", "chat.completions", "embeddings")
+RETRYABLE_STATUSES = frozenset({408, 429, 500, 501, 502, 503, 504, 529})
+# A 429 carrying one of these will not clear by waiting: someone has to pay or raise a limit.
+QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached",
+                         "enforced_spend_limit_reached", "billing_not_active"})
+STATUS_CODES = {400: "invalid_request", 401: "authentication_error", 402: "billing_error",
+                403: "permission_denied", 404: "not_found", 408: "upstream_timeout",
+                409: "conflict", 413: "request_too_large", 422: "invalid_request",
+                429: "rate_limited", 529: "overloaded"}
+EXCERPT_CHARS = 200
+CONNECT_TIMEOUT_CAP_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProviderCall:
+    operation: str            # "responses" | "chat.completions" | "embeddings"
+    upstream_model: str
+    body: dict                # the item's `input`: the OpenAI request body WITHOUT "model"
+    max_output_tokens: int | None = None  # applied only when the body sets no cap itself
+
+
+@dataclass(frozen=True)
+class ProviderResult:
+    status_code: int
+    response: dict            # upstream JSON body as returned (anthropic: the Messages response)
+    output_text: str | None   # None for embeddings
+    input_tokens: int | None  # None when the provider reported no usage
+    output_tokens: int | None
+
+
+class Provider(Protocol):
+    name: str
+
+    def call(self, call: ProviderCall) -> ProviderResult: ...
+
+    def close(self) -> None: ...
+
+
+# --- Retry-After -----------------------------------------------------------------------------
+
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds to wait from retry-after-ms or Retry-After (seconds or HTTP date); None if unusable."""
+    millis = _seconds(_header(headers, "retry-after-ms"))
+    if millis is not None:
+        return millis / 1000
+    raw = _header(headers, "retry-after")
+    if raw is None:
+        return None
+    seconds = _seconds(raw)
+    if seconds is not None:
+        return seconds
+    return _seconds_until(raw, time.time() if now is None else now)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    # Plain dicts are case-sensitive, HTTP header names are not.
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _seconds(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _seconds_until(raw: str, now: float) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(raw.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # "-0000" dates come back naive; they mean UTC
+    return max(0.0, when.timestamp() - now)
+
+
+# --- status classification -------------------------------------------------------------------
+
+def classify_status(status_code: int, body: bytes) -> ProviderError:
+    """The ProviderError for a non-2xx upstream answer; retry_after is left for the caller."""
+    payload = _json_or_none(body)
+    message = f"upstream HTTP {status_code}: {_error_message(payload, body)}"
+    quota = sorted(_error_codes(payload) & QUOTA_CODES)
+    if quota:
+        return ProviderError(message, code=quota[0], status_code=status_code)
+    default = "upstream_error" if status_code >= 500 else "provider_error"
+    return ProviderError(message, code=STATUS_CODES.get(status_code, default),
+                         status_code=status_code, retryable=status_code in RETRYABLE_STATUSES)
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _error_codes(payload: Any) -> set[str]:
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(error, dict):
+        return set()
+    details = error.get("details")
+    candidates = [error.get("code"), error.get("type"),
+                  details.get("error_code") if isinstance(details, dict) else None]
+    return {value for value in candidates if isinstance(value, str)}
+
+
+def _error_message(payload: Any, body: bytes) -> str:
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        for candidate in (error.get("message") if isinstance(error, dict) else error,
+                          payload.get("message"), payload.get("detail")):
+            if isinstance(candidate, str) and candidate.strip():
+                return candidate.strip()[:EXCERPT_CHARS * 5]
+    excerpt = " ".join(body[:EXCERPT_CHARS].decode("utf-8", "replace").split())
+    return excerpt or "(empty body)"
+
+
+# --- HTTP plumbing -----------------------------------------------------------------------------
+
+def api_key(cfg: Mapping[str, Any], environ: Mapping[str, str]) -> str | None:
+    """The key from the env var the config names; None when none is named or it is unset."""
+    env_name = cfg.get("api_key_env") or ""
+    if not env_name:
+        return None
+    return environ.get(env_name) or None
+
+
+def missing_key_error(cfg: Mapping[str, Any]) -> ProviderError:
+    return ProviderError(f"environment variable {cfg.get('api_key_env')} is not set",
+                         code="missing_credentials")
+
+
+def make_session(cfg: Mapping[str, Any], headers: Mapping[str, str]) -> requests.Session:
+    """A pooled session that ignores environment proxies and netrc; cfg proxy applies if set."""
+    session = requests.Session()
+    session.trust_env = False
+    session.headers.update(headers)
+    pool = max(1, int(cfg.get("max_concurrency") or 1))
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool, max_retries=0)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if cfg.get("proxy"):
+        session.proxies = {"http": cfg["proxy"], "https": cfg["proxy"]}
+    return session
+
+
+def request_timeout(cfg: Mapping[str, Any]) -> tuple[float, float]:
+    read = float(cfg.get("timeout_s") or 120)
+    return min(read, CONNECT_TIMEOUT_CAP_S), read
+
+
+def endpoint(cfg: Mapping[str, Any], path: str) -> str:
+    return str(cfg.get("base_url") or "").rstrip("/") + path
+
+
+def post_json(session: requests.Session, url: str, payload: dict,
+              timeout: tuple[float, float]) -> tuple[int, dict]:
+    """POST JSON and return (status, JSON object); every failure becomes a ProviderError."""
+    try:
+        resp = session.post(url, json=payload, timeout=timeout, allow_redirects=False)
+    except requests.exceptions.RequestException as exc:
+        raise transport_error(exc) from exc
+    if not 200 <= resp.status_code < 300:
+        error = classify_status(resp.status_code, resp.content)
+        if error.retryable:
+            error.retry_after = parse_retry_after(resp.headers)
+        raise error
+    data = _json_or_none(resp.content)
+    if not isinstance(data, dict):
+        raise ProviderError(f"upstream HTTP {resp.status_code} body is not a JSON object: "
+                            f"{_error_message(None, resp.content)}",
+                            code="bad_response", status_code=resp.status_code, retryable=True)
+    return resp.status_code, data
+
+
+def transport_error(exc: requests.exceptions.RequestException) -> ProviderError:
+    """Map a requests failure to a ProviderError; configuration mistakes are not retryable."""
+    exceptions = requests.exceptions
+    message = f"{type(exc).__name__}: {exc}"[:EXCERPT_CHARS * 2]
+    if isinstance(exc, exceptions.ConnectTimeout):
+        # Nothing reached the upstream, so this is a connection failure rather than a slow answer.
+        return ProviderError(message, code="connect_error", retryable=True)
+    if isinstance(exc, exceptions.Timeout):
+        return ProviderError(message, code="timeout", retryable=True)
+    if isinstance(exc, exceptions.SSLError):
+        return ProviderError(message, code="tls_error")
+    if isinstance(exc, (exceptions.InvalidURL, exceptions.MissingSchema,
+                        exceptions.InvalidSchema, exceptions.InvalidHeader)):
+        return ProviderError(message, code="config_error")
+    if isinstance(exc, exceptions.ConnectionError):
+        return ProviderError(message, code="connect_error", retryable=True)
+    return ProviderError(message, code="transport_error", retryable=True)
+
+
+def token_count(value: Any) -> int | None:
+    """A usage figure as int; None when absent or not a non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return None
+    return int(value)

@@ -1,0 +1,153 @@
+"""Routing: which provider routes may serve an item (hard filters) and in what order (mode)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from core.money import parse_decimal, price_to_nano
+from core.pricing import estimate_input_tokens, estimated_cost_micro, max_cost_micro, output_cap
+
+PRIVACY_TIERS = ("standard", "zero_retention", "local")
+ROUTING_MODES = ("sla_aware", "cost", "latency", "pinned")
+
+
+@dataclass(frozen=True)
+class Route:
+    """One model on one provider, with prices already multiplied by the tier (locked in quotes)."""
+    model: str
+    provider: str
+    upstream_model: str
+    input_per_mtok_nano: int
+    output_per_mtok_nano: int
+    operations: tuple[str, ...]
+    context_window: int
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["operations"] = list(self.operations)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Route:
+        return cls(**{**data, "operations": tuple(data["operations"])})
+
+
+def _provider_refusal(provider: Mapping[str, Any], privacy_tier: str, allowed_regions: list[str],
+                      live: bool, environ: Mapping[str, str]) -> str | None:
+    if privacy_tier == "zero_retention" and not provider["zero_data_retention"]:
+        return "no_route_passes_privacy_tier"
+    if privacy_tier == "local" and not provider["local"]:
+        return "no_route_passes_privacy_tier"
+    if "global" not in allowed_regions and provider["region"] not in allowed_regions:
+        return "no_route_in_allowed_regions"
+    # A test key runs on the simulator whatever the route's credentials (SPEC §2).
+    if live and provider["api_key_env"] and not environ.get(provider["api_key_env"]):
+        return "provider_has_no_credentials"
+    return None
+
+
+REASON_TEXT = {
+    "unknown_model": "model is not in the catalogue (GET /v1/models lists it)",
+    "no_route_passes_privacy_tier": "no provider of this model passes the privacy tier",
+    "no_route_in_allowed_regions": "no provider of this model is in the allowed regions",
+    "provider_has_no_credentials": "the model's providers have no credentials configured",
+    "operation_not_supported": "no route of the candidate models supports this operation",
+    "context_window_exceeded": "the estimated input exceeds every candidate route's context window",
+}
+
+
+def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_regions: list[str],
+                    live: bool, multiplier: str, environ: Mapping[str, str],
+                    ) -> tuple[dict[str, list[Route]], dict[str, str]]:
+    """Per catalogue model: the routes that pass the hard filters, or why none does."""
+    providers = {p["name"]: p for p in config["providers"]}
+    factor = parse_decimal(multiplier)
+    routes: dict[str, list[Route]] = {}
+    refusals: dict[str, str] = {}
+    for model in config["models"]:
+        kept, reasons = [], []
+        for raw in model["routes"]:
+            reason = _provider_refusal(providers[raw["provider"]], privacy_tier, allowed_regions,
+                                       live, environ)
+            if reason:
+                reasons.append(reason)
+                continue
+            kept.append(Route(
+                model=model["name"], provider=raw["provider"], upstream_model=raw["upstream_model"],
+                input_per_mtok_nano=price_to_nano(parse_decimal(raw["input_per_mtok"]) * factor),
+                output_per_mtok_nano=price_to_nano(parse_decimal(raw["output_per_mtok"]) * factor),
+                operations=tuple(model["operations"]), context_window=raw["context_window"]))
+        routes[model["name"]] = kept
+        if not kept and reasons:
+            refusals[model["name"]] = reasons[0]
+    return routes, refusals
+
+
+def candidates(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
+               routing_mode: str, est_input_tokens: int, out_cap: int,
+               refusals: Mapping[str, str] | None = None) -> tuple[list[Route], str | None]:
+    """The ordered routes an item may use, or ([], reason)."""
+    names = [item["model"]] + [m for m in item.get("model_options") or [] if m != item["model"]]
+    if routing_mode == "pinned":
+        names = names[:1]
+    reason = None
+    per_model: list[list[Route]] = []
+    for name in names:
+        if name not in routes_by_model:
+            reason = reason or (refusals or {}).get(name, "unknown_model")
+            continue
+        usable = [r for r in routes_by_model[name] if item["operation"] in r.operations]
+        if not usable and routes_by_model[name]:
+            reason = reason or "operation_not_supported"
+        fitting = [r for r in usable if est_input_tokens + out_cap <= r.context_window]
+        if usable and not fitting:
+            reason = reason or "context_window_exceeded"
+        if not fitting and not routes_by_model[name]:
+            reason = reason or (refusals or {}).get(name, "unknown_model")
+        if fitting:
+            per_model.append(fitting)
+    ordered = _order(per_model, routing_mode, est_input_tokens, out_cap)
+    return ordered, (None if ordered else reason or "unknown_model")
+
+
+def _order(per_model: list[list[Route]], routing_mode: str, est_input_tokens: int,
+           out_cap: int) -> list[Route]:
+    def cost(route: Route) -> int:
+        return estimated_cost_micro(est_input_tokens, out_cap, route.input_per_mtok_nano,
+                                    route.output_per_mtok_nano)
+
+    if routing_mode == "pinned":
+        return per_model[0][:1] if per_model else []
+    if routing_mode == "cost":
+        return sorted((r for routes in per_model for r in routes), key=cost)
+    if routing_mode == "latency":
+        return [r for routes in per_model for r in routes]
+    # sla_aware: the item's own model first, cheapest route first, then each option in order.
+    return [r for routes in per_model for r in sorted(routes, key=cost)]
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """An item's routes and cost bounds, the same at quote time and at submit."""
+    est_input_tokens: int
+    output_cap: int
+    routes: list[Route]
+    estimated_micro: int
+    max_micro: int
+
+
+def plan_item(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
+              routing_mode: str, default_cap: int,
+              refusals: Mapping[str, str] | None = None) -> tuple[ItemPlan | None, str | None]:
+    est = estimate_input_tokens(item["input"])
+    cap = output_cap(item, default_cap)
+    routes, reason = candidates(item, routes_by_model, routing_mode, est, cap, refusals)
+    if not routes:
+        return None, reason
+    first = routes[0]
+    return ItemPlan(
+        est, cap, routes,
+        estimated_cost_micro(est, cap, first.input_per_mtok_nano, first.output_per_mtok_nano),
+        max(max_cost_micro(est, cap, r.input_per_mtok_nano, r.output_per_mtok_nano) for r in routes),
+    ), None

@@ -1,0 +1,142 @@
+"""The scheduler: claims due items from the job queue and runs them on a pool of threads."""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+from store.artifacts import ArtifactStore
+from store.jobqueue import Claim, JobQueue, final_status
+from workers.dispatch import Dispatcher
+
+log = logging.getLogger("batchrouter.scheduler")
+CLAIM_CHUNK = 256
+
+
+class Scheduler:
+    def __init__(self, jobs: JobQueue, dispatcher: Dispatcher, artifacts: ArtifactStore, *,
+                 threads: int, poll_interval_s: float = 0.05, housekeeping_s: float = 1.0,
+                 checkpoint_s: float = 30.0, now: Callable[[], float] = time.time) -> None:
+        self._jobs = jobs
+        self._dispatcher = dispatcher
+        self._artifacts = artifacts
+        self._threads = threads
+        self._poll = poll_interval_s
+        self._housekeeping_s = housekeeping_s
+        self._checkpoint_s = checkpoint_s
+        self._now = now
+        self._work: queue.Queue[Claim | None] = queue.Queue()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
+        self._last_housekeeping = 0.0
+        self._last_checkpoint = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
+
+    def wake(self) -> None:
+        """New work arrived (a submit, a cancel): look now rather than at the next poll."""
+        self._wake.set()
+
+    def start(self) -> None:
+        for number in range(self._threads):
+            # Daemon threads: a stop may abandon a call in flight; recovery runs it again.
+            thread = threading.Thread(target=self._work_loop, name=f"worker-{number}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        self._loop_thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._loop_thread.start()
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop claiming; give calls in flight `grace_s` to finish, then abandon them."""
+        self._stopping.set()
+        self._wake.set()
+        if self._loop_thread:
+            self._loop_thread.join(timeout=5)
+        for _ in self._workers:
+            self._work.put(None)
+        deadline = time.monotonic() + grace_s
+        for thread in self._workers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._workers.clear()
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                claimed = self.run_once()
+            except Exception:  # keep scheduling whatever one round hit; the next round retries
+                log.exception("scheduler round failed")
+                claimed = 0
+            if not claimed:
+                self._wake.wait(self._poll)
+                self._wake.clear()
+
+    def run_once(self, now: float | None = None) -> int:
+        """One round: housekeeping when due, then claim what free threads can take."""
+        now = self._now() if now is None else now
+        if now - self._last_housekeeping >= self._housekeeping_s:
+            self._last_housekeeping = now
+            self.housekeeping(now)
+        free = self._threads - self.in_flight
+        claims = self._jobs.claim_due(min(free, CLAIM_CHUNK), now)
+        with self._lock:
+            self._in_flight += len(claims)
+        for claim in claims:
+            self._work.put(claim)
+        return len(claims)
+
+    def _work_loop(self) -> None:
+        while True:
+            claim = self._work.get()
+            if claim is None:
+                return
+            try:
+                self._dispatcher.run(claim)
+            except Exception:  # recorded nowhere else: the item stays running until recovery
+                log.exception("item %s/%d failed in dispatch", claim.batch_id, claim.idx)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+                self._wake.set()
+
+    def housekeeping(self, now: float) -> None:
+        self._jobs.expire_overdue(now)
+        self.finalize_ready(now)
+        if now - self._last_checkpoint >= self._checkpoint_s:
+            self._last_checkpoint = now
+            dropped = self._jobs.checkpoint()
+            if dropped:
+                log.info("dropped %d journal segments", dropped)
+
+    def finalize_ready(self, now: float) -> int:
+        """Writes artifacts of batches whose items have all ended, then sets the final status."""
+        batches = self._jobs.batches_to_finalize()
+        for batch in batches:
+            names = self._write_artifacts(batch.id, batch.total - batch.succeeded)
+            self._jobs.end_batch(batch.id, final_status(batch), names, now)
+            log.info("batch %s ended %s", batch.id, final_status(batch))
+        return len(batches)
+
+    def _write_artifacts(self, batch_id: str, unsuccessful: int) -> list[str]:
+        lines = (encode_line(line) for line in self._jobs.iter_results(batch_id))
+        self._artifacts.write(batch_id, "results.jsonl", lines)
+        names = ["results.jsonl"]
+        if unsuccessful:
+            errors = (encode_line(line) for line in self._jobs.iter_results(
+                batch_id, ("failed", "cancelled", "expired")))
+            self._artifacts.write(batch_id, "errors.jsonl", errors)
+            names.append("errors.jsonl")
+        return names
+
+
+def encode_line(line: dict) -> bytes:
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
