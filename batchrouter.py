@@ -123,12 +123,20 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> dict:
 
 
 def serve(config: dict, environ: Mapping[str, str]) -> int:
-    runtime = Runtime(config, environ)
-    runtime.start()
+    # Bind first, so port 0 works and links carry the port actually bound.
+    apps: list = []
+
+    def application(environ: dict, start_response: Callable) -> object:
+        return apps[0](environ, start_response)
+
     server = waitress.create_server(
-        runtime.app, host=config["server"]["host"], port=config["server"]["port"],
+        application, host=config["server"]["host"], port=config["server"]["port"],
         threads=config["server"]["threads"], ident="batchrouter",
-        max_request_body_size=config["limits"]["max_body_bytes"] + 1024, clear_untrusted_proxy_headers=True)
+        max_request_body_size=config["limits"]["max_body_bytes"] + 1024)
+    config["server"]["port"] = server.effective_port
+    runtime = Runtime(config, environ)
+    apps.append(runtime.app)
+    runtime.start()
 
     def shutdown(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
