@@ -59,7 +59,16 @@ class Committer:
         """Applies every journal record past the applied position; aborts torn submits."""
         count, chunk = 0, []
         open_submits: set[str] = set()
-        for position, next_position, payload in self._journal.iter_from(self.applied_position()):
+        start = self.applied_position()
+        if start > self._journal.end_position:
+            # Only possible if acknowledged records were lost underneath us (a disk that lied
+            # about fsync, a file cut by hand): say so, and carry on from what is there.
+            log.error("the database has applied journal position %d but the journal ends at %d; "
+                      "records were lost after they were acknowledged", start, self._journal.end_position)
+            start = self._journal.end_position
+            with self._db.atomic():
+                self._store_position(start)
+        for position, next_position, payload in self._journal.iter_from(start):
             record = json.loads(payload)
             if record["type"] == "batch.submitted":
                 open_submits.add(record["batch"]["id"])
