@@ -49,7 +49,8 @@ def build_message(email: Email, sender: str, sent_at: float) -> EmailMessage:
     # An explicit domain: make_msgid() would otherwise call socket.getfqdn(), a DNS
     # lookup that can hang for seconds on an air-gapped host.
     msg["Message-ID"] = make_msgid(domain=_domain_of(sender))
-    msg.set_content(email.text)
+    # No quoted-printable: links must stay whole so `grep token=` finds them in the outbox.
+    msg.set_content(email.text, cte="7bit" if email.text.isascii() else "8bit")
     return msg
 
 
