@@ -30,6 +30,7 @@ from store.journal import Journal
 from workers.dispatch import Dispatcher, RetryPolicy
 from workers.providers import build_provider
 from workers.scheduler import Scheduler
+from workers.webhooks import WebhookSender
 
 log = logging.getLogger("batchrouter")
 HERE = Path(__file__).resolve().parent
@@ -76,9 +77,14 @@ class Runtime:
             self.jobs, self.providers, self.simulator, max_concurrency=limits,
             policy=RetryPolicy(sched["attempts_per_route"], sched["backoff_base_s"],
                                sched["backoff_max_s"]), now=now)
+        hooks = config["webhooks"]
+        self.webhooks = WebhookSender(
+            self.db, Sealer(keys), allow_hosts=hooks["allow_hosts"], schedule=hooks["retry_schedule_s"],
+            timeout_s=hooks["timeout_s"], threads=hooks["max_concurrency"], now=now)
         threads = min(sched["max_threads"], max(4, sum(limits.values())))
         self.scheduler = Scheduler(self.jobs, self.dispatcher, self.artifacts, threads=threads,
-                                   poll_interval_s=sched["poll_interval_s"], now=now)
+                                   poll_interval_s=sched["poll_interval_s"], now=now,
+                                   on_batch_end=self.webhooks.wake)
         self.ready = threading.Event()
         limit = config["limits"]["monthly_spend_limit_usd"]
         self.services = Services(
@@ -90,7 +96,7 @@ class Runtime:
             public_url=public_url, environ=environ, now=now,
             dummy_hash=hash_password("not-a-password", config["auth"]["scrypt_n"]),
             default_spend_limit_micro=usd_to_micro(parse_decimal(limit)) if limit else None,
-            wake_scheduler=self.scheduler.wake, is_ready=self.ready.is_set,
+            wake_scheduler=self.scheduler.wake, wake_webhooks=self.webhooks.wake, is_ready=self.ready.is_set,
             metrics=lambda: {"items_in_flight": self.scheduler.in_flight,
                              "journal_bytes": self.journal.size_bytes()})
         self.app = create_app(self.services)
@@ -101,10 +107,12 @@ class Runtime:
         log.info("recovered: %d journal records replayed", replayed)
         self.committer.start()
         self.scheduler.start()
+        self.webhooks.start()
         self.ready.set()
 
     def stop(self) -> None:
         self.ready.clear()
+        self.webhooks.stop()
         self.scheduler.stop()
         self.committer.stop()
         for provider in [*self.providers.values(), self.simulator]:

@@ -30,6 +30,8 @@ def routes(services: Services) -> list[tuple[str, object]]:
         ("/v1/batches/{batch_id}/cancel", batches.BatchCancel(services)),
         ("/v1/batches/{batch_id}/results", batches.BatchResults(services)),
         ("/v1/batches/{batch_id}/artifact-urls", batches.BatchArtifactUrls(services)),
+        ("/v1/batches/{batch_id}/webhook-deliveries", batches.WebhookDeliveries(services)),
+        ("/v1/batches/{batch_id}/webhook-deliveries/redeliver", batches.WebhookRedeliver(services)),
         ("/v1/artifacts/{token}", artifacts.Artifact(services)),
     ]
 

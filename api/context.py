@@ -30,5 +30,6 @@ class Services:
     dummy_hash: str
     default_spend_limit_micro: int | None
     wake_scheduler: Callable[[], None] = lambda: None
+    wake_webhooks: Callable[[], None] = lambda: None
     is_ready: Callable[[], bool] = lambda: True
     metrics: Callable[[], dict[str, Any]] = field(default=lambda: {})

@@ -112,9 +112,12 @@ class JobQueue:
     def batches_to_finalize(self) -> list[Batch]:
         return list(Batch.select().where(Batch.finalize_pending == True))  # noqa: E712
 
-    def end_batch(self, batch_id: str, status: str, artifacts: list[str], at: float) -> None:
+    def end_batch(self, batch_id: str, status: str, artifacts: list[str], at: float,
+                  webhook: dict | None = None) -> None:
+        """The final status, with the webhook message to deliver (stored in the same step)."""
         self.committer.commit([encode({"type": "batch.ended", "batch_id": batch_id,
-                                       "status": status, "artifacts": artifacts, "at": at})])
+                                       "status": status, "artifacts": artifacts, "at": at,
+                                       "webhook": webhook})])
 
     def recover(self) -> int:
         """Replays what SQLite missed; items that were running when we stopped run again."""

@@ -218,5 +218,28 @@ class LedgerEntry(BaseModel):
     created_at = peewee.FloatField(index=True)
 
 
+class DeliveryStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class WebhookDelivery(BaseModel):
+    """One webhook message; its body is stored once and re-sent byte for byte on every retry."""
+    id = peewee.CharField(primary_key=True)
+    batch_id = peewee.CharField(index=True)
+    account_id = peewee.CharField()
+    event = peewee.CharField()
+    url = peewee.TextField()
+    body = peewee.TextField()
+    status = peewee.CharField()
+    attempts = peewee.TextField(default="[]")     # JSON list of {n, at, duration_ms, status_code, error}
+    next_attempt_at = peewee.FloatField(null=True)
+    created_at = peewee.FloatField()
+
+    class Meta:
+        indexes = ((("status", "next_attempt_at"), False),)
+
+
 ALL_MODELS = [JournalState, Account, EmailToken, ApiKey, RateEvent, Quote, Batch, Item,
-              IdempotencyKey, LedgerEntry]
+              IdempotencyKey, LedgerEntry, WebhookDelivery]

@@ -12,7 +12,17 @@ from typing import Any
 
 import peewee
 
-from store.models import Batch, BatchStatus, IdempotencyKey, Item, ItemStatus, LedgerEntry, Quote
+from store.models import (
+    Batch,
+    BatchStatus,
+    DeliveryStatus,
+    IdempotencyKey,
+    Item,
+    ItemStatus,
+    LedgerEntry,
+    Quote,
+    WebhookDelivery,
+)
 
 Record = dict[str, Any]
 ITEM_COLUMNS = ("batch", "idx", "account_id", "mode", "customer_item_id", "operation", "model",
@@ -136,10 +146,18 @@ def _deadline_passed(rec: Record, pos: int, group: GroupState) -> None:
 
 
 def _batch_ended(rec: Record, pos: int, group: GroupState) -> None:
-    Batch.update(status=rec["status"], ended_at=rec["at"], finalize_pending=False,
-                 artifacts=json.dumps(rec["artifacts"]),
-                 completed_at=rec["at"] if rec["status"] == BatchStatus.COMPLETED.value else None
-                 ).where(Batch.id == rec["batch_id"], Batch.ended_at.is_null()).execute()
+    ended = Batch.update(status=rec["status"], ended_at=rec["at"], finalize_pending=False,
+                         artifacts=json.dumps(rec["artifacts"]),
+                         completed_at=rec["at"] if rec["status"] == BatchStatus.COMPLETED.value else None
+                         ).where(Batch.id == rec["batch_id"], Batch.ended_at.is_null()).execute()
+    webhook = rec.get("webhook")
+    if ended and webhook:
+        # In the same transaction as the final status: the event exists exactly once.
+        WebhookDelivery.insert(id=webhook["id"], batch_id=rec["batch_id"],
+                               account_id=webhook["account_id"], event=webhook["event"],
+                               url=webhook["url"], body=webhook["body"],
+                               status=DeliveryStatus.PENDING.value, next_attempt_at=rec["at"],
+                               created_at=rec["at"]).on_conflict_ignore().execute()
 
 
 def _batch_deleted(rec: Record, pos: int, group: GroupState) -> None:

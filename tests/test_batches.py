@@ -170,7 +170,8 @@ def test_too_many_items_is_413_with_the_limit(make_runtime) -> None:
     items = items_of(3)
     status, error, _ = submit(api, who["key"], {"quote_id": "qlock_x", **SEED_ENVELOPE, "items": items})
     assert status == 413, error
-    assert error["error"]["type"] == "invalid_request_error" and "2" in error["error"]["message"]
+    assert error["error"]["type"] == "invalid_request_error"
+    assert re.search(r"\b2\b", error["error"]["message"]), error
     status, error, _ = api.post("/v1/quotes/model", {**SEED_ENVELOPE, "items": items}, token=who["key"])
     assert status == 413
     quote = get_quote(api, who["key"], items[:2])
@@ -269,8 +270,9 @@ def test_quote_mismatch_names_the_field(api: Api, outbox: Path, change: dict, pa
 
 
 def test_spend_reservation_is_checked_last(make_runtime, clock) -> None:
-    _, api, who = setup(make_runtime, now=clock, quotes={"ttl_s": 60},
-                        limits={"monthly_spend_limit_usd": "0.008"})
+    runtime, api, who = setup(make_runtime, now=clock, quotes={"ttl_s": 60},
+                              limits={"monthly_spend_limit_usd": "0.008"})
+    runtime.scheduler.stop()                     # the first batch stays open, its reservation held
     key = who["key"]
     items = [seed_item(1)]                       # max cost 0.005125 at standard prices
     first, second, third = (get_quote(api, key, items) for _ in range(3))
@@ -450,7 +452,13 @@ def test_batch_object_shape(make_runtime, clock) -> None:
     assert batch["webhook"]["secret_last4"] == "e_me" and "last_delivery" in batch["webhook"]
     assert batch["results_url"].endswith(f"/v1/batches/{batch['id']}/results")
     assert batch["artifact_urls"] == []
-    done = wait_for_end(api, who["key"], batch["id"])
+
+    def ended() -> dict | None:
+        clock.advance(1.5)                       # the scheduler's housekeeping runs on this clock
+        current = get_batch(api, who["key"], batch["id"])
+        return current if current["status"] in FINAL else None
+
+    done = wait_until(ended, what="batch end")
     assert done["status"] == "completed" and done["counts"]["succeeded"] == 2
     for name in ("started_at", "completed_at", "ended_at"):
         assert RFC3339.match(done[name]), (name, done)
@@ -559,6 +567,23 @@ def test_cancel_queued_at_once_running_then_cancelled(make_runtime) -> None:
     status, final, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=key)
     assert status == 200 and final["status"] == "cancelled" and final["ended_at"] == done["ended_at"]
     assert len(done["artifact_urls"]) == 2                         # results.jsonl and errors.jsonl
+
+
+@pytest.mark.xfail(reason="BUG: workers/scheduler.py run_once claims up to the thread count, not the "
+                          "provider's max_concurrency; items blocked on the provider semaphore "
+                          "(workers/dispatch.py _call) show as running, a cancel cannot end them and "
+                          "they are called and billed after the cancel (SPEC §4 cancel)", strict=True)
+def test_cancel_ends_items_still_waiting_for_a_provider_slot(make_runtime) -> None:
+    _, api, who = setup(make_runtime, file_data=SLOW_SIMULATOR)     # max_concurrency 1, 4 threads
+    key = who["key"]
+    batch = quote_and_submit(api, key, items_of(3))
+    wait_until(lambda: get_batch(api, key, batch["id"])["status"] == "in_progress", what="started")
+    status, cancelled, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=key)
+    assert status == 200, cancelled
+    done = wait_for_end(api, key, batch["id"])
+    assert done["status"] == "cancelled"
+    # One item at a time may be at the provider: the ones still waiting for it are not running.
+    assert done["counts"]["cancelled"] >= 1, done["counts"]
 
 
 def test_cancel_with_nothing_running_ends_every_item_at_once(runtime, api: Api, outbox: Path) -> None:

@@ -71,12 +71,20 @@ def test_init_keeps_an_existing_config(tmp_path: Path) -> None:
 
 
 def test_init_with_config_path_and_data_dir_flags(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
     done = run(tmp_path, "init", "--config", "etc/br.toml", "--data-dir", "var/br")
-    # The directory for the config file may have to exist first; either way no traceback.
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "etc" / "br.toml").exists() and not (tmp_path / "config.toml").exists()
+    assert (tmp_path / "var" / "br" / "secret_keys").exists()
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: batchrouter.py cmd_init writes --config without creating "
+                   "its parent directory: FileNotFoundError traceback")
+def test_init_config_in_a_new_directory(tmp_path: Path) -> None:
+    done = run(tmp_path, "init", "--config", "etc/br.toml")
     assert "Traceback" not in done.stderr, done.stderr
-    if done.returncode == 0:
-        assert (tmp_path / "etc" / "br.toml").exists()
-        assert (tmp_path / "var" / "br" / "secret_keys").exists()
+    assert done.returncode == 0 and (tmp_path / "etc" / "br.toml").exists()
 
 
 def test_init_with_secret_keys_from_env_writes_no_key_file(tmp_path: Path) -> None:
@@ -260,6 +268,15 @@ def test_create_key_needs_email_and_label(tmp_path: Path) -> None:
     done = run(tmp_path, "create-key", "--data-dir", "d", "--email", "a@example.com", "--label", "x",
                "--mode", "prod")
     assert done.returncode == 2 and done.stdout == ""
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: batchrouter.py cmd_create_key neither validates --email "
+                   "(SPEC §2: email validated for shape) nor caps --label at 64 like the API")
+@pytest.mark.parametrize("email,label", [("not an email", "ok"), ("ops@example.com", "x" * 65)])
+def test_create_key_validates_email_and_label(tmp_path: Path, email: str, label: str) -> None:
+    done = run(tmp_path, "create-key", "--data-dir", "d", "--email", email, "--label", label,
+               env=clean_env(BATCHROUTER_AUTH_SCRYPT_N="1024"))
+    assert done.returncode != 0 and done.stdout == ""
 
 
 # --- usage-report -------------------------------------------------------------------

@@ -13,8 +13,17 @@ import requests
 from falcon import testing
 
 from tests.fakes.openai_server import FakeOpenAIServer
-from tests.harness import (SEED_ENVELOPE, Api, ServerProcess, openai_models, quote_and_submit,
-                           seed_item, signup, wait_for_end, write_config)
+from tests.harness import (
+    SEED_ENVELOPE,
+    Api,
+    ServerProcess,
+    openai_models,
+    quote_and_submit,
+    seed_item,
+    signup,
+    wait_for_end,
+    write_config,
+)
 
 
 def _progress(api: Api, key: str, batch_id: str, at_least: int, timeout_s: float = 60) -> dict:

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import requests
 
-from tests.harness import (SEED_ENVELOPE, Api, ServerProcess, openai_models, quote_and_submit,
-                           seed_item, signup, wait_for_end, write_config)
+from tests.harness import (
+    SEED_ENVELOPE,
+    Api,
+    ServerProcess,
+    openai_models,
+    quote_and_submit,
+    seed_item,
+    signup,
+    wait_for_end,
+    write_config,
+)
 
 
 def test_seed_flow_in_process(api: Api, outbox: Path) -> None:
@@ -78,12 +87,12 @@ def test_seed_quote_and_submit_bodies_are_accepted_verbatim(api: Api, outbox: Pa
                   'queue."}]}}]}')
     status, quote, _ = api.call("POST", "/v1/quotes/model", raw=quote_body.encode(), token=who["key"])
     assert status == 201 and quote["id"].startswith("qlock_")
-    submit = ('{"quote_id":"%s","sla_tier":"standard","routing_mode":"sla_aware",'
+    submit = ('{"quote_id":"QUOTE_ID","sla_tier":"standard","routing_mode":"sla_aware",'
               '"privacy_tier":"standard","allowed_regions":["global"],"webhook":{"url":'
               '"https://your-endpoint.example.com/hook","secret":"whsec_replace_me"},"items":'
               '[{"customer_item_id":"task_001","operation":"responses","model":"gpt-5.4-mini",'
               '"model_options":["gpt-5.4-mini","gpt-5.4"],"input":{"input":[{"role":"user",'
-              '"content":"Summarize this support queue."}]}}]}') % quote["id"]
+              '"content":"Summarize this support queue."}]}}]}').replace("QUOTE_ID", quote["id"])
     status, batch, headers = api.call("POST", "/v1/batches", raw=submit.encode(), token=who["key"],
                                       headers={"Idempotency-Key": "agent-batch-001"})
     assert status == 202 and batch["id"].startswith("bat_"), batch

@@ -8,8 +8,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from core.clock import rfc3339
+from core.security import new_id
 from store.artifacts import ArtifactStore
 from store.jobqueue import Claim, JobQueue, final_status
+from store.models import Batch
 from workers.dispatch import Dispatcher
 
 log = logging.getLogger("batchrouter.scheduler")
@@ -19,7 +22,9 @@ CLAIM_CHUNK = 256
 class Scheduler:
     def __init__(self, jobs: JobQueue, dispatcher: Dispatcher, artifacts: ArtifactStore, *,
                  threads: int, poll_interval_s: float = 0.05, housekeeping_s: float = 1.0,
-                 checkpoint_s: float = 30.0, now: Callable[[], float] = time.time) -> None:
+                 checkpoint_s: float = 30.0, now: Callable[[], float] = time.time,
+                 on_batch_end: Callable[[], None] = lambda: None) -> None:
+        self._on_batch_end = on_batch_end
         self._jobs = jobs
         self._dispatcher = dispatcher
         self._artifacts = artifacts
@@ -121,10 +126,26 @@ class Scheduler:
         """Writes artifacts of batches whose items have all ended, then sets the final status."""
         batches = self._jobs.batches_to_finalize()
         for batch in batches:
+            status = final_status(batch)
             names = self._write_artifacts(batch.id, batch.total - batch.succeeded)
-            self._jobs.end_batch(batch.id, final_status(batch), names, now)
-            log.info("batch %s ended %s", batch.id, final_status(batch))
+            webhook = self._webhook_event(batch, status, names, now) if batch.webhook_url else None
+            self._jobs.end_batch(batch.id, status, names, now, webhook)
+            log.info("batch %s ended %s", batch.id, status)
+        if batches:
+            self._on_batch_end()
         return len(batches)
+
+    def _webhook_event(self, batch: Batch, status: str, names: list[str], now: float) -> dict:
+        """The message body, fixed once: every retry sends these bytes (SPEC §6 key order)."""
+        body = {"event": f"batch.{status}", "batch_id": batch.id,
+                "artifact_urls": [self._artifacts.sign_url(batch.id, name) for name in names],
+                "status": status,
+                "counts": {"total": batch.total, "queued": batch.queued, "running": batch.running,
+                           "succeeded": batch.succeeded, "failed": batch.failed,
+                           "cancelled": batch.cancelled, "expired": batch.expired},
+                "timestamp": rfc3339(now)}
+        return {"id": new_id("whmsg_"), "account_id": batch.account_id, "event": body["event"],
+                "url": batch.webhook_url, "body": json.dumps(body, separators=(",", ":"))}
 
     def _write_artifacts(self, batch_id: str, unsuccessful: int) -> list[str]:
         lines = (encode_line(line) for line in self._jobs.iter_results(batch_id))
