@@ -19,9 +19,10 @@ from api.context import Services
 from api.credentials import Authenticator
 from core import config as config_mod
 from core.errors import ConfigError
-from core.mailer import build_mailer
+from core.mailer import build_mailer, is_valid_address
 from core.money import parse_decimal, usd_to_micro
-from core.security import Sealer, TokenSigner, hash_password
+from core.security import Sealer, TokenSigner, hash_api_key, hash_password, new_api_key, new_id
+from store import accounts, ledger
 from store.artifacts import ArtifactStore
 from store.committer import Committer
 from store.database import open_database
@@ -163,9 +164,14 @@ def serve(config: dict, environ: Mapping[str, str]) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A command cannot do what was asked; the message says why (no traceback)."""
+
+
 def cmd_init(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     target = Path(args.config or "config.toml")
     if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text((HERE / "config.toml").read_text())
         print(f"wrote {target}")
     config = load_config(argparse.Namespace(**{**vars(args), "config": str(target)}), environ)
@@ -183,8 +189,7 @@ def cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> in
         problems = exc.problems
     else:
         config, problems = config_mod.build(data, environ)
-        if not problems:
-            problems = config_mod.credential_problems(config, environ)
+        problems += config_mod.credential_problems(config, environ)
     for problem in problems:
         print(f"problem: {problem}")
     print("config OK" if not problems else f"{len(problems)} problem(s)")
@@ -192,12 +197,14 @@ def cmd_check_config(args: argparse.Namespace, environ: Mapping[str, str]) -> in
 
 
 def cmd_create_key(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from core.security import hash_api_key, new_api_key, new_id
-    from store import accounts
+    email = args.email.strip().lower()
+    if not is_valid_address(email):
+        raise CliError(f"--email {args.email!r} is not a valid address (name@example.com)")
+    if not 1 <= len(args.label) <= 64:
+        raise CliError("--label must be 1 to 64 characters")
     config = load_config(args, environ)
     Path(config["server"]["data_dir"]).mkdir(parents=True, exist_ok=True)
     db = open_database(config_mod.database_url(config))
-    email = args.email.strip().lower()
     now = time.time()
     account = accounts.find_account_by_email(email)
     if account is None:
@@ -215,8 +222,12 @@ def cmd_create_key(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def cmd_usage_report(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from store import ledger
+    try:
+        ledger.month_bounds(args.month)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     config = load_config(args, environ)
+    Path(config["server"]["data_dir"]).mkdir(parents=True, exist_ok=True)
     db = open_database(config_mod.database_url(config))
     try:
         report = ledger.month_report(args.month)
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"config problem: {problem}", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import html
-import re
+import logging
 import secrets
 
 import falcon
@@ -11,16 +11,15 @@ from api.context import Services
 from api.http import read_json_object, send_json
 from api.validation import check_fields, string
 from core.clock import rfc3339
-from core.errors import AuthenticationError, Conflict, InvalidRequest, RateLimited
-from core.mailer import Email
+from core.errors import AuthenticationError, Conflict, InvalidRequest, RateLimited, ServiceUnavailable
+from core.mailer import Email, MailError, is_valid_address
 from core.money import format_usd, parse_decimal, usd_to_micro
 from core.security import TokenExpired, TokenInvalid, hash_password, new_id, verify_password
 from store import accounts
 from store.models import Account
 
-LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
-EMAIL = re.compile(rf"^[^@\s]{{1,64}}@{LABEL}(?:\.{LABEL})+$")
 HOUR, QUARTER = 3600, 900
+log = logging.getLogger("batchrouter.auth")
 
 
 def account_json(account: Account) -> dict:
@@ -33,7 +32,7 @@ def account_json(account: Account) -> dict:
 
 def normalize_email(body: dict) -> str:
     email = string(body, "email", min_len=3, max_len=254).strip().lower()
-    if not EMAIL.match(email):
+    if not is_valid_address(email):
         raise InvalidRequest("email is not a valid address (name@example.com)", param="email",
                              code="invalid_email")
     return email
@@ -44,11 +43,20 @@ def send_verification(services: Services, account: Account) -> None:
     accounts.record_email_token(services.db, nonce, account.id, services.now())
     token = services.email_tokens.dumps({"a": account.id, "n": nonce})
     link = f"{services.public_url}/v1/auth/verify-email/confirm?token={token}"
-    services.mailer.send(Email(
+    mailer_send(services, Email(
         to=account.email, subject="Verify your BatchRouter email",
         text=(f"Hello {account.agent_name},\n\nConfirm this address by opening:\n{link}\n\n"
               f"or POST {{\"token\": \"{token}\"}} to /v1/auth/verify-email/confirm.\n"
               "The link is valid for 48 hours and works once.\n")))
+
+
+def mailer_send(services: Services, email: Email) -> None:
+    try:
+        services.mailer.send(email)
+    except MailError as exc:
+        log.error("could not send email to %s: %s", email.to, exc)
+        raise ServiceUnavailable("the verification email could not be sent; retry with "
+                                 "POST /v1/auth/verify-email/resend", code="email_not_sent") from None
 
 
 def _limit(services: Services, kind: str, subject: str, allowed: int, window: int) -> None:
@@ -74,13 +82,17 @@ class Register:
         email = normalize_email(body)
         password = string(body, "password", min_len=10, max_len=1024)
         now = self.s.now()
+        # Every attempt counts, so one address cannot probe or flood with failing ones either.
+        accounts.add_event(self.s.db, "register", req.remote_addr or "", now)
         account = accounts.create_account(
             self.s.db, account_id=new_id("acct_"), agent_name=name, email=email,
             password_hash=hash_password(password, self.s.config["auth"]["scrypt_n"]),
             verified=False, now=now)
-        accounts.add_event(self.s.db, "register", req.remote_addr or "", now)
-        send_verification(self.s, account)
         token, expires = self.s.auth.issue_session(account)
+        try:
+            send_verification(self.s, account)
+        except ServiceUnavailable:
+            pass  # the account exists: answer 201; the agent can ask for the email again
         send_json(resp, 201, {"account": account_json(account), "session_token": token,
                               "session_expires_at": rfc3339(expires)})
 
@@ -186,15 +198,19 @@ class AccountResource:
     def on_patch(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = self.s.auth.session(req)
         body = read_json_object(req, 65536)
-        check_fields(body, {"monthly_spend_limit_usd"}, {"monthly_spend_limit_usd"})
+        check_fields(body, {"monthly_spend_limit_usd"})
+        if "monthly_spend_limit_usd" not in body:
+            raise InvalidRequest("missing required field 'monthly_spend_limit_usd'",
+                                 param="monthly_spend_limit_usd", code="missing_field")
         raw = body["monthly_spend_limit_usd"]
         try:
-            limit = usd_to_micro(parse_decimal(raw))
+            # null clears the account's own limit: the operator default applies again.
+            limit = None if raw is None else usd_to_micro(parse_decimal(raw))
         except ValueError as exc:
             raise InvalidRequest(f"monthly_spend_limit_usd: {exc}", param="monthly_spend_limit_usd",
                                  code="invalid_field") from None
         ceiling = self.s.default_spend_limit_micro
-        if ceiling is not None and limit > ceiling:
+        if ceiling is not None and limit is not None and limit > ceiling:
             raise InvalidRequest(f"the limit may not exceed the operator's {format_usd(ceiling)} USD",
                                    param="monthly_spend_limit_usd", code="spend_limit_above_default")
         accounts.set_spend_limit(self.s.db, caller.account.id, limit)

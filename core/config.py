@@ -48,6 +48,13 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _port(value: Any) -> int:
+    number = _int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be a port number from 0 to 65535")
+    return number
+
+
 def _str(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
@@ -90,7 +97,7 @@ def _decimal(value: Any) -> str:
 SETTINGS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "server": {
         "host": (_str, "127.0.0.1"),
-        "port": (_nonneg_int, 8080),
+        "port": (_port, 8080),
         "public_url": (_str, ""),
         "data_dir": (_str, "./data"),
         "database_url": (_str, ""),
@@ -355,7 +362,7 @@ def read_file(path: str | os.PathLike | None) -> dict:
 
 def credential_problems(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
     """Providers whose credentials env var is named but unset (their routes are unroutable)."""
-    return [f"provider {p['name']!r}: environment variable {p['api_key_env']} is not set"
+    return [f"provider {p.get('name')!r}: environment variable {p['api_key_env']} is not set"
             for p in config["providers"]
             if p.get("api_key_env") and not environ.get(p["api_key_env"])]
 

@@ -174,3 +174,12 @@ def read_outbox(outbox_dir: Path) -> list[EmailMessage]:
     """Every message in the outbox, oldest first."""
     parser = BytesParser(policy=policy.default)
     return [parser.parsebytes(p.read_bytes()) for p in sorted(Path(outbox_dir).glob("*.eml"))]
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?"
+_ADDRESS = re.compile(rf"^[^@\s]{{1,64}}@{_LABEL}(?:\.{_LABEL})+$")
+
+
+def is_valid_address(email: str) -> bool:
+    """Shape only (local@domain.tld); whether it receives mail is what verification proves."""
+    return len(email) <= 254 and bool(_ADDRESS.match(email))

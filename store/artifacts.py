@@ -1,7 +1,6 @@
 """Batch artifact files on disk and the signed, expiring URLs that serve them."""
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import secrets
@@ -11,12 +10,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
-from itsdangerous.timed import TimestampSigner
+from core.security import TokenExpired, TokenInvalid, TokenSigner
 
 ARTIFACT_NAMES = ("results.jsonl", "errors.jsonl")
 _BATCH_ID_RE = re.compile(r"bat_[A-Za-z0-9]+")
-_SALT = "batchrouter.artifact"
 _RANGE_RE = re.compile(r"bytes=([0-9]*)-([0-9]*)", re.IGNORECASE)
 # Longer digit strings exceed any real file size (and int() refuses > 4300 digits).
 _MAX_DIGITS = 18
@@ -40,17 +37,6 @@ class RangeNotSatisfiable(Exception):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size  # for the 416 response's "Content-Range: bytes */<size>"
-
-
-class _ClockedSigner(TimestampSigner):
-    # get_timestamp() is the documented hook itsdangerous uses both to stamp tokens and
-    # to measure max_age, so overriding it makes the injected clock govern both.
-    def __init__(self, *args: Any, now: Callable[[], float], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._now = now
-
-    def get_timestamp(self) -> int:
-        return int(self._now())
 
 
 def check_batch_id(batch_id: str) -> None:
@@ -95,10 +81,8 @@ class ArtifactStore:
         self.root = Path(root)
         self.url_ttl_s = url_ttl_s
         self.public_url = public_url.rstrip("/")
-        # Keys run oldest to newest: itsdangerous signs with the last, verifies with all.
-        self._serializer = URLSafeTimedSerializer(
-            list(secret_keys), salt=_SALT, signer=_ClockedSigner,
-            signer_kwargs={"digest_method": hashlib.sha256, "now": now})
+        # Keys run oldest to newest: the newest signs, all verify.
+        self._signer = TokenSigner(list(secret_keys), "artifact", now)
 
     def _batch_dir(self, batch_id: str) -> Path:
         check_batch_id(batch_id)
@@ -134,16 +118,16 @@ class ArtifactStore:
 
     def sign_url(self, batch_id: str, name: str) -> str:
         check_artifact(batch_id, name)
-        token = self._serializer.dumps({"b": batch_id, "f": name})
+        token = self._signer.dumps({"b": batch_id, "f": name})
         return f"{self.public_url}/v1/artifacts/{token}"
 
     def verify_token(self, token: str) -> tuple[str, str]:
         """(batch_id, name) from a token made by sign_url."""
         try:
-            payload = self._serializer.loads(token, max_age=self.url_ttl_s)
-        except SignatureExpired as exc:
+            payload = self._signer.loads(token, self.url_ttl_s)
+        except TokenExpired as exc:
             raise ArtifactTokenExpired("artifact link has expired") from exc
-        except BadData as exc:
+        except TokenInvalid as exc:
             raise ArtifactTokenInvalid("artifact link is not valid") from exc
         return _parse_payload(payload)
 

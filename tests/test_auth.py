@@ -286,9 +286,6 @@ def test_resend_after_expiry_gives_a_fresh_token(api: Api, outbox: Path) -> None
                  "conflict_error")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: core/security.py TokenSigner.dumps stamps tokens with "
-                   "itsdangerous' real time.time(), while loads() checks age with the injected clock; "
-                   "a session issued after the clock moved is born expired")
 def test_session_issued_after_the_clock_moved_works(timed) -> None:
     api, outbox, clock = timed
     register(api)

@@ -94,9 +94,6 @@ def test_resend_goes_over_smtp_too(make_runtime, smtp_server) -> None:
     assert api.post("/v1/auth/verify-email/confirm", {"token": tokens[1]})[0] == 200
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: api/auth.py Register/send_verification lets MailError "
-                   "escape: an SMTP outage answers 500 internal_error after the account was created, "
-                   "so the retry gets 409 email_taken and the agent never sees its session token")
 def test_smtp_outage_does_not_strand_the_registration(make_runtime) -> None:
     runtime = make_runtime(email={"backend": "smtp", "host": "127.0.0.1", "port": _free_port()})
     api = Api(test_client=testing.TestClient(runtime.app))
