@@ -29,6 +29,14 @@ def _chunks(handle: BinaryIO, start: int, length: int) -> Iterator[bytes]:
             yield data
 
 
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110 weak comparison: `*` matches, and W/ prefixes are ignored."""
+    if not if_none_match:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in [t[2:] if t.startswith("W/") else t for t in tags]
+
+
 class Artifact:
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -53,11 +61,11 @@ class Artifact:
         resp.set_header("ETag", etag)
         resp.set_header("Accept-Ranges", "bytes")
         resp.set_header("Cache-Control", "private, max-age=0")
-        resp.content_type = "application/x-ndjson"
-        if etag in [t.strip() for t in (req.get_header("If-None-Match") or "").split(",")]:
+        if _matches(req.get_header("If-None-Match"), etag):
             handle.close()
             resp.status = 304
             return
+        resp.content_type = "application/x-ndjson"
         try:
             wanted = parse_range(req.get_header("Range"), size)
         except RangeNotSatisfiable as exc:

@@ -106,11 +106,11 @@ class Batches:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = self.s.auth.api_key(req)
+        body = read_json_object(req, self.s.config["limits"]["max_body_bytes"])
         raw_key = req.get_header("Idempotency-Key")
         if raw_key is not None and not IDEMPOTENCY_KEY.match(raw_key):
             raise IdempotencyError("Idempotency-Key must be 1-255 characters of A-Z a-z 0-9 . _ : -",
                                    code="invalid_idempotency_key", param="Idempotency-Key")
-        body = read_json_object(req, self.s.config["limits"]["max_body_bytes"])
         digest = hashlib.sha256(canonical_json(body)).hexdigest()
         scope = (caller.account.id, caller.mode, raw_key) if raw_key else None
         if scope and self._replay(resp, scope, digest):

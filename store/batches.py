@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from peewee import fn
 
-from store.models import Batch, IdempotencyKey, Item
+from store.models import Batch, IdempotencyKey, Item, Quote
 from store.pages import page
 
 
@@ -33,3 +33,12 @@ def counts_by_status() -> tuple[dict[str, int], dict[str, int]]:
     batches = dict(Batch.select(Batch.status, fn.COUNT(Batch.id)).group_by(Batch.status).tuples())
     items = dict(Item.select(Item.status, fn.COUNT(Item.id)).group_by(Item.status).tuples())
     return batches, items
+
+
+def cancel_requested(batch_id: str) -> bool:
+    return Batch.select(Batch.cancelled_at).where(Batch.id == batch_id).scalar() is not None
+
+
+def with_quote(batch_id: str) -> tuple[Batch, Quote]:
+    batch = Batch.get_by_id(batch_id)
+    return batch, Quote.get_by_id(batch.quote_id)

@@ -111,7 +111,8 @@ def test_openai_wire_body_adds_model_and_cap(openai_server):
     paths = [(path, body) for path, _, body in openai_server.requests]
     assert paths[0] == ("/v1/responses", {"input": "hi", "model": "m1", "max_output_tokens": 7})
     assert paths[1][0] == "/v1/chat/completions" and paths[1][1]["max_tokens"] == 9
-    assert "max_tokens" not in paths[2][1] and paths[2][1]["max_completion_tokens"] == 3
+    # The call's cap (the one the quote priced) replaces the body's own, in the body's field.
+    assert "max_tokens" not in paths[2][1] and paths[2][1]["max_completion_tokens"] == 9
     assert paths[3] == ("/v1/embeddings", {"input": "x", "model": "m4"})
 
 
@@ -185,8 +186,11 @@ def test_simulator_token_counts_and_cap():
     assert capped.output_tokens == 2 and len(capped.output_text) == 8
     assert capped.response["choices"][0]["finish_reason"] == "length"
     body_cap = SimulatedProvider("s").call(ProviderCall("responses", "m",
-                                                        {"input": "hi", "max_output_tokens": 1}, 50))
+                                                        {"input": "hi", "max_output_tokens": 1}))
     assert body_cap.output_tokens == 1 and body_cap.response["status"] == "incomplete"
+    call_cap = SimulatedProvider("s").call(ProviderCall("responses", "m",
+                                                        {"input": "hi", "max_output_tokens": 50}, 1))
+    assert call_cap.output_tokens == 1
 
 
 @pytest.mark.parametrize(("operation", "body"), [
@@ -436,7 +440,7 @@ def test_anthropic_chat_translation():
         {"role": "assistant", "content": ""},
         {"role": "user", "content": "four"},
     ], "max_completion_tokens": 50, "temperature": 0.2, "top_p": 0.9, "stop": "END", "n": 1}
-    request = to_messages_request(ProviderCall("chat.completions", "claude-x", body, 999))
+    request = to_messages_request(ProviderCall("chat.completions", "claude-x", body))
     assert request == {
         "model": "claude-x", "max_tokens": 50, "system": "Be terse.\n\nNo emoji.",
         "messages": [

@@ -13,8 +13,9 @@ from core.clock import rfc3339
 from core.errors import ProviderError
 from core.money import format_usd, line_cost_micro
 from core.security import new_id
+from store import batches as batch_store
 from store.jobqueue import Claim, JobQueue
-from store.models import Batch, ItemStatus, Mode, Quote
+from store.models import ItemStatus, Mode
 from workers.providers.base import Provider, ProviderCall, ProviderResult
 from workers.routing import Route, candidates
 
@@ -44,6 +45,18 @@ class RetryPolicy:
         return max(jittered, retry_after or 0.0)
 
 
+class Abandoned(Exception):
+    """The item ended while it waited for a provider slot (cancel or deadline)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+SLOT_POLL_S = 0.25
+
+
 class Dispatcher:
     def __init__(self, queue: JobQueue, providers: Mapping[str, Provider], simulator: Provider,
                  *, max_concurrency: Mapping[str, int], policy: RetryPolicy,
@@ -62,8 +75,7 @@ class Dispatcher:
         with self._plans_lock:
             plan = self._plans.get(batch_id)
         if plan is None:
-            batch = Batch.get_by_id(batch_id)
-            quote = Quote.get_by_id(batch.quote_id)
+            batch, quote = batch_store.with_quote(batch_id)
             routes: dict[str, list[Route]] = {}
             for raw in json.loads(quote.routes):
                 routes.setdefault(raw["model"], []).append(Route.from_json(raw))
@@ -87,7 +99,13 @@ class Dispatcher:
         route = routes[claim.route_index]
         started = self._now()
         try:
-            result = self._call(plan, route, item)
+            result = self._call(plan, route, item, claim)
+        except Abandoned as exc:
+            line = self._line(item, exc.status, None, claim.attempts, self._now())
+            line["error"] = {"code": exc.status, "message": exc.message, "provider_status": None}
+            self._queue.complete(claim, status=exc.status, result=line, cost_micro=0, ledger=None,
+                                 at=self._now())
+            return
         except ProviderError as exc:
             attempts = claim.attempts + [self._attempt(route, started, exc.status_code, exc.message)]
             self._after_error(claim, item, route, routes, attempts, exc)
@@ -95,7 +113,7 @@ class Dispatcher:
         attempts = claim.attempts + [self._attempt(route, started, result.status_code, None)]
         self._succeed(claim, item, plan, route, result, attempts)
 
-    def _call(self, plan: BatchPlan, route: Route, item: dict) -> ProviderResult:
+    def _call(self, plan: BatchPlan, route: Route, item: dict, claim: Claim) -> ProviderResult:
         provider = self._simulator if plan.mode == Mode.TEST.value else self._providers.get(route.provider)
         if provider is None:
             raise ProviderError(f"provider {route.provider!r} is no longer configured",
@@ -106,8 +124,19 @@ class Dispatcher:
         limit = self._limits.get(route.provider)
         if limit is None:
             return provider.call(call)
-        with limit:
+        while not limit.acquire(timeout=SLOT_POLL_S):
+            self._check_still_wanted(claim)
+        try:
             return provider.call(call)
+        finally:
+            limit.release()
+
+    def _check_still_wanted(self, claim: Claim) -> None:
+        """While waiting for a slot: a cancel or the deadline ends the item without a call."""
+        if batch_store.cancel_requested(claim.batch_id):
+            raise Abandoned(ItemStatus.CANCELLED.value, "the batch was cancelled before this item ran")
+        if self._now() >= claim.deadline_at:
+            raise Abandoned(ItemStatus.EXPIRED.value, "the batch's deadline passed before this item ran")
 
     def _attempt(self, route: Route, started: float, status_code: int | None,
                  error: str | None) -> dict:

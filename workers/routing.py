@@ -88,7 +88,7 @@ def candidates(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route
                routing_mode: str, est_input_tokens: int, out_cap: int,
                refusals: Mapping[str, str] | None = None) -> tuple[list[Route], str | None]:
     """The ordered routes an item may use, or ([], reason)."""
-    names = [item["model"]] + [m for m in item.get("model_options") or [] if m != item["model"]]
+    names = list(dict.fromkeys([item["model"], *(item.get("model_options") or [])]))
     if routing_mode == "pinned":
         names = names[:1]
     reason = None

@@ -9,6 +9,7 @@ from workers.providers.base import (
     ProviderCall,
     ProviderResult,
     api_key,
+    effective_cap,
     endpoint,
     make_session,
     missing_key_error,
@@ -23,8 +24,6 @@ TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 SYSTEM_ROLES = frozenset({"system", "developer"})
 TURN_ROLES = frozenset({"user", "assistant"})
 # Body keys holding the output cap, most specific first.
-CAP_FIELDS = {"responses": ("max_output_tokens",),
-              "chat.completions": ("max_completion_tokens", "max_tokens")}
 PASSTHROUGH_KEYS = ("temperature", "top_p")
 
 
@@ -160,11 +159,7 @@ def _texts(content: Any) -> list[str]:
 
 
 def _max_tokens(call: ProviderCall) -> int:
-    for field in CAP_FIELDS[call.operation]:
-        value = call.body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return call.max_output_tokens or DEFAULT_MAX_TOKENS
+    return effective_cap(call) or DEFAULT_MAX_TOKENS
 
 
 def _stop_sequences(stop: Any) -> list[str]:

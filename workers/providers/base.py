@@ -28,12 +28,28 @@ EXCERPT_CHARS = 200
 CONNECT_TIMEOUT_CAP_S = 10.0
 
 
+# Where each operation's request carries its output cap, in order of preference.
+CAP_FIELDS = {"responses": ("max_output_tokens",),
+              "chat.completions": ("max_completion_tokens", "max_tokens")}
+
+
+def effective_cap(call: ProviderCall) -> int | None:
+    """The call's cap (the one the quote priced) wins over a cap inside the body."""
+    if call.max_output_tokens is not None:
+        return max(0, call.max_output_tokens)
+    for field in CAP_FIELDS.get(call.operation, ()):
+        value = call.body.get(field)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return max(0, value)
+    return None
+
+
 @dataclass(frozen=True)
 class ProviderCall:
     operation: str            # "responses" | "chat.completions" | "embeddings"
     upstream_model: str
     body: dict                # the item's `input`: the OpenAI request body WITHOUT "model"
-    max_output_tokens: int | None = None  # applied only when the body sets no cap itself
+    max_output_tokens: int | None = None  # the priced cap; replaces any cap inside the body
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ from typing import Any
 
 from core.errors import ProviderError
 from workers.providers.base import (
+    CAP_FIELDS,
     ProviderCall,
     ProviderResult,
     api_key,
+    effective_cap,
     endpoint,
     make_session,
     missing_key_error,
@@ -20,8 +22,6 @@ from workers.providers.base import (
 PATHS = {"responses": "/responses", "chat.completions": "/chat/completions",
          "embeddings": "/embeddings"}
 # The first field is where the item cap goes; max_tokens is what vLLM/llama.cpp/Ollama all accept.
-CAP_FIELDS = {"responses": ("max_output_tokens",),
-              "chat.completions": ("max_tokens", "max_completion_tokens")}
 # The key each operation's answer must carry; anything else is not a real answer.
 ANSWER_KEYS = {"responses": "output", "chat.completions": "choices", "embeddings": "data"}
 # A batch cannot consume a stream, and an event stream is not a JSON answer.
@@ -59,12 +59,17 @@ class OpenAIProvider:
 
 
 def request_body(call: ProviderCall) -> dict:
-    """The wire body: the item's body plus model and, if the body sets none, the item cap."""
+    """The wire body: the item's body plus model, with the priced cap in the cap field."""
     body = {k: v for k, v in call.body.items() if k not in STREAM_KEYS}
     body["model"] = call.upstream_model
+    cap = effective_cap(call)
     fields = CAP_FIELDS.get(call.operation, ())
-    if call.max_output_tokens is not None and fields and all(body.get(f) is None for f in fields):
-        body[fields[0]] = call.max_output_tokens
+    if cap is not None and fields:
+        present = [f for f in fields if body.get(f) is not None]
+        # Chat servers differ in which field they read (vLLM, llama.cpp: max_tokens), so an
+        # existing field is kept and set; otherwise the widely understood one is used.
+        for field in present or [fields[-1]]:
+            body[field] = cap
     return body
 
 

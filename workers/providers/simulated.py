@@ -10,11 +10,9 @@ import time
 from typing import Any
 
 from core.errors import ProviderError
-from workers.providers.base import OPERATIONS, ProviderCall, ProviderResult
+from workers.providers.base import OPERATIONS, ProviderCall, ProviderResult, effective_cap
 
 REQUIRED_INPUT = {"responses": "input", "chat.completions": "messages", "embeddings": "input"}
-CAP_FIELDS = {"responses": ("max_output_tokens",),
-              "chat.completions": ("max_completion_tokens", "max_tokens")}
 UNCOUNTED_KEYS = frozenset({"role", "type"})
 ANSWER_WORDS = 8
 VECTOR_SIZE = 8
@@ -95,11 +93,7 @@ def counted_chars(value: Any) -> int:
 
 
 def output_cap(call: ProviderCall) -> int | None:
-    for field in CAP_FIELDS.get(call.operation, ()):
-        value = call.body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return max(0, value)
-    return None if call.max_output_tokens is None else max(0, call.max_output_tokens)
+    return effective_cap(call)
 
 
 def last_user_text(call: ProviderCall) -> str:
