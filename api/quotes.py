@@ -79,7 +79,7 @@ class Quotes:
             maximum += plan.max_micro
             for route in plan.routes:
                 _add_to_line(lines, route, plan)
-                used_routes[(route.model, route.provider)] = route.to_json()
+                used_routes.setdefault((route.model, route.provider), route)
         if unroutable:
             raise InvalidRequest(
                 f"{len(unroutable)} item(s) have no route that can serve them; see details",
@@ -112,7 +112,7 @@ class Quotes:
                      allowed_regions=json.dumps(request["allowed_regions"]),
                      item_count=len(request["items"]), items_digest=response["items_digest"],
                      estimated_micro=estimated, max_micro=maximum,
-                     routes=json.dumps(list(used_routes.values())), body=json.dumps(response)))
+                     routes=json.dumps([r.to_json() for r in used_routes.values()]), body=json.dumps(response)))
         send_json(resp, 201, response)
 
 

@@ -27,7 +27,8 @@ from store.models import (
 Record = dict[str, Any]
 ITEM_COLUMNS = ("batch", "idx", "account_id", "mode", "customer_item_id", "operation", "model",
                 "status", "deadline_at", "input_position", "est_input_tokens",
-                "max_output_tokens", "max_cost_micro")
+                "max_output_tokens", "max_cost_micro", "next_attempt_at", "route_index", "attempts",
+                "cost_micro")
 
 
 class GroupState:
@@ -38,9 +39,15 @@ class GroupState:
         self.touched: set[str] = set()
 
     def flush_items(self) -> None:
-        for start in range(0, len(self.items), 500):
-            Item.insert_many(self.items[start:start + 500],
-                             fields=[getattr(Item, c) for c in ITEM_COLUMNS]).execute()
+        # One prepared statement, many rows: peewee's per-row SQL building costs ~25x more
+        # than the insert itself at 50,000 items.
+        if not self.items:
+            return
+        db = Item._meta.database
+        columns = [getattr(Item, c).column_name for c in ITEM_COLUMNS]
+        sql = (f'INSERT INTO "{Item._meta.table_name}" ({", ".join(columns)}) '
+               f'VALUES ({", ".join([db.param] * len(columns))})')
+        db.cursor().executemany(sql, self.items)
         self.items.clear()
 
 
@@ -60,7 +67,8 @@ def _item_submitted(rec: Record, pos: int, group: GroupState) -> None:
     group.items.append((rec["batch_id"], rec["idx"], rec["account_id"], rec["mode"],
                         rec["customer_item_id"], rec["operation"], rec["model"],
                         ItemStatus.QUEUED.value, rec["deadline_at"], pos,
-                        rec["est_input_tokens"], rec["max_output_tokens"], rec["max_cost_micro"]))
+                        rec["est_input_tokens"], rec["max_output_tokens"], rec["max_cost_micro"],
+                        0.0, 0, "[]", 0))
 
 
 def _batch_committed(rec: Record, pos: int, group: GroupState) -> None:
