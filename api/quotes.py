@@ -112,7 +112,8 @@ class Quotes:
                      allowed_regions=json.dumps(request["allowed_regions"]),
                      item_count=len(request["items"]), items_digest=response["items_digest"],
                      estimated_micro=estimated, max_micro=maximum,
-                     routes=json.dumps([r.to_json() for r in used_routes.values()]), body=json.dumps(response)))
+                     routes=json.dumps([r.to_json() for r in used_routes.values()]),
+                     body=json.dumps(response)))
         send_json(resp, 201, response)
 
 

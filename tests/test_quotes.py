@@ -538,11 +538,18 @@ def test_operation_or_context_window_the_routes_cannot_serve_is_unroutable(make_
         ("emb", "operation_not_supported"), ("big", "context_window_exceeded")]
 
 
-@pytest.mark.xfail(reason="BUG: workers/routing.py candidates() keeps repeated model_options, so a "
-                          "line counts one item twice (and its tokens, costs and fallbacks)", strict=True)
 def test_repeated_model_option_is_counted_once_per_line(api: Api, who: dict) -> None:
     item = seed_item(1, model_options=["gpt-5.4", "gpt-5.4", "gpt-5.4-mini"])
     status, q = quote(api, who["key"], [item])
     assert status == 201, q
     counts = [(line["model"], line["item_count"]) for line in q["lines"]]
     assert counts == [("gpt-5.4-mini", 1), ("gpt-5.4", 1)], counts
+
+
+def test_candidates_no_route_can_serve_are_dropped(api: Api, who: dict) -> None:
+    items = [seed_item(1, model_options=["no-such-model", "gpt-5.4"]),
+             seed_item(2, model="retired-model", model_options=["gpt-5.4"])]
+    status, q = quote(api, who["key"], items)
+    assert status == 201, q
+    lines = {line["model"]: line["item_count"] for line in q["lines"]}
+    assert lines == {"gpt-5.4-mini": 1, "gpt-5.4": 2}
