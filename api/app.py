@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import falcon
 
-from api import artifacts, auth, batches, errors, keys, quotes, service
+from api import artifacts, auth, batches, errors, keys, quotes, service, usage, webhooks
 from api.context import Services
 from api.http import RequestContext
 
@@ -30,9 +30,11 @@ def routes(services: Services) -> list[tuple[str, object]]:
         ("/v1/batches/{batch_id}/cancel", batches.BatchCancel(services)),
         ("/v1/batches/{batch_id}/results", batches.BatchResults(services)),
         ("/v1/batches/{batch_id}/artifact-urls", batches.BatchArtifactUrls(services)),
-        ("/v1/batches/{batch_id}/webhook-deliveries", batches.WebhookDeliveries(services)),
-        ("/v1/batches/{batch_id}/webhook-deliveries/redeliver", batches.WebhookRedeliver(services)),
+        ("/v1/batches/{batch_id}/webhook-deliveries", webhooks.WebhookDeliveries(services)),
+        ("/v1/batches/{batch_id}/webhook-deliveries/redeliver", webhooks.WebhookRedeliver(services)),
         ("/v1/artifacts/{token}", artifacts.Artifact(services)),
+        ("/v1/usage", usage.Usage(services)),
+        ("/v1/usage.csv", usage.UsageCsv(services)),
     ]
 
 

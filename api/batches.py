@@ -12,22 +12,22 @@ import falcon
 
 from api.context import Services
 from api.http import list_body, list_params, read_json_object, send_json
+from api.lookup import FINAL, owned_batch
 from api.quotes import check_spend, find_quote
 from api.validation import ENVELOPE_FIELDS, check_fields, envelope
+from api.webhooks import last_delivery
 from core.clock import rfc3339
-from core.errors import Conflict, IdempotencyError, InvalidRequest, NotFound
+from core.errors import Conflict, IdempotencyError, InvalidRequest
 from core.money import format_usd
 from core.pricing import canonical_json, items_digest
 from core.security import new_id
 from core.urlguard import UnsafeURL, check_url
 from store import batches as batch_store
-from store import webhooks as delivery_store
-from store.models import FINAL_BATCH_STATUSES, Batch, BatchStatus, ItemStatus, Mode, Quote
+from store.models import Batch, BatchStatus, ItemStatus, Mode, Quote
 from workers.routing import Route, plan_item
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
 SUBMIT_FIELDS = ENVELOPE_FIELDS | {"quote_id", "webhook", "metadata"}
-FINAL = {s.value for s in FINAL_BATCH_STATUSES}
 
 
 def batch_json(services: Services, batch: Batch, webhook_secret: str | None = None) -> dict:
@@ -56,18 +56,6 @@ def batch_json(services: Services, batch: Batch, webhook_secret: str | None = No
         "results_url": f"{services.public_url}/v1/batches/{batch.id}/results",
         "artifact_urls": [services.artifacts.sign_url(batch.id, name) for name in artifacts],
     }
-
-
-def last_delivery(batch_id: str) -> dict | None:
-    delivery = delivery_store.latest(batch_id)
-    if delivery is None:
-        return None
-    attempts = json.loads(delivery.attempts)
-    last = attempts[-1] if attempts else None
-    return {"id": delivery.id, "status": delivery.status, "attempts": len(attempts),
-            "at": last["at"] if last else None, "status_code": last["status_code"] if last else None,
-            "next_attempt_at": rfc3339(delivery.next_attempt_at)
-            if delivery.status == "pending" else None}
 
 
 class InFlight:
@@ -275,14 +263,6 @@ def _metadata(value: object) -> dict:
     return value
 
 
-def owned_batch(services: Services, req: falcon.Request, batch_id: str) -> Batch:
-    caller = services.auth.api_key(req)
-    batch = batch_store.get_batch(batch_id, caller.account.id, caller.mode)
-    if batch is None:
-        raise NotFound(f"no batch {batch_id} for this key", code="batch_not_found", param="id")
-    return batch
-
-
 class BatchItem:
     def __init__(self, services: Services) -> None:
         self.s = services
@@ -345,38 +325,3 @@ class BatchArtifactUrls:
         expires = self.s.now() + self.s.config["artifacts"]["url_ttl_s"]
         send_json(resp, 200, {"object": "artifact_urls", "batch_id": batch.id, "artifact_urls": urls,
                               "expires_at": rfc3339(expires)})
-
-
-def delivery_json(delivery) -> dict:
-    return {"id": delivery.id, "object": "webhook_delivery", "event": delivery.event,
-            "url": delivery.url, "status": delivery.status, "attempts": json.loads(delivery.attempts),
-            "next_attempt_at": rfc3339(delivery.next_attempt_at)
-            if delivery.status == "pending" else None,
-            "created_at": rfc3339(delivery.created_at)}
-
-
-class WebhookDeliveries:
-    def __init__(self, services: Services) -> None:
-        self.s = services
-
-    def on_get(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
-        batch = owned_batch(self.s, req, batch_id)
-        data = [delivery_json(d) for d in delivery_store.for_batch(batch.id)]
-        send_json(resp, 200, {"object": "list", "data": data, "has_more": False, "next_cursor": None})
-
-
-class WebhookRedeliver:
-    def __init__(self, services: Services) -> None:
-        self.s = services
-
-    def on_post(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
-        batch = owned_batch(self.s, req, batch_id)
-        if not batch.webhook_url:
-            raise Conflict("this batch has no webhook", code="no_webhook", param="id")
-        if batch.status not in FINAL:
-            raise Conflict(f"batch {batch.id} is {batch.status}; its webhook is sent when it ends",
-                           code="batch_not_ended", param="id")
-        delivery_store.redeliver(self.s.db, batch.id, self.s.now())
-        self.s.wake_webhooks()
-        data = [delivery_json(d) for d in delivery_store.for_batch(batch.id)]
-        send_json(resp, 202, {"object": "list", "data": data, "has_more": False, "next_cursor": None})

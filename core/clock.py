@@ -13,3 +13,8 @@ def rfc3339(ts: float | None) -> str | None:
 
 def now() -> float:
     return time.time()
+
+
+def utc_day(ts: float) -> str:
+    """"YYYY-MM-DD" of a moment, in UTC."""
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%d")

@@ -5,7 +5,9 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 import peewee
+from playhouse import migrate as schema
 
+from core.clock import utc_day
 from store import models
 
 SQLITE_PRAGMAS = {
@@ -41,18 +43,55 @@ def open_database(url: str) -> peewee.Database:
     return database
 
 
+class _LedgerEntryV1(peewee.Model):
+    """The ledger table as migration 1 made it (before the day column)."""
+    id = peewee.CharField(primary_key=True)
+    account_id = peewee.CharField(index=True)
+    api_key_id = peewee.CharField()
+    batch_id = peewee.CharField(index=True)
+    item_key = peewee.CharField(unique=True)
+    customer_item_id = peewee.CharField()
+    model = peewee.CharField()
+    provider = peewee.CharField()
+    input_tokens = peewee.IntegerField()
+    output_tokens = peewee.IntegerField()
+    input_price_nano = peewee.BigIntegerField()
+    output_price_nano = peewee.BigIntegerField()
+    amount_micro = peewee.BigIntegerField()
+    estimated = peewee.BooleanField(default=False)
+    created_at = peewee.FloatField(index=True)
+
+    class Meta:
+        table_name = "ledgerentry"
+
+
 def _migration_1(database: peewee.Database) -> None:
+    with database.bind_ctx([_LedgerEntryV1]):
+        database.create_tables([_LedgerEntryV1])
     database.create_tables([models.JournalState, models.Account, models.EmailToken, models.ApiKey,
                             models.RateEvent, models.Quote, models.Batch, models.Item,
-                            models.IdempotencyKey, models.LedgerEntry])
+                            models.IdempotencyKey])
 
 
 def _migration_2(database: peewee.Database) -> None:
     database.create_tables([models.WebhookDelivery])
 
 
+def _migration_3(database: peewee.Database) -> None:
+    """Ledger entries get their UTC day, so usage reports group by day in portable SQL."""
+    columns = {c.name for c in database.get_columns(models.LedgerEntry._meta.table_name)}
+    if "day" not in columns:
+        migrator = schema.SchemaMigrator.from_database(database)
+        schema.migrate(migrator.add_column(models.LedgerEntry._meta.table_name, "day",
+                                    peewee.CharField(default="")),
+                migrator.add_index(models.LedgerEntry._meta.table_name, ("day",)))
+    for entry in models.LedgerEntry.select().where(models.LedgerEntry.day == ""):
+        models.LedgerEntry.update(day=utc_day(entry.created_at)).where(
+            models.LedgerEntry.id == entry.id).execute()
+
+
 # Ordered, numbered; an older database runs the ones it has not seen yet, each in a transaction.
-MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 def migrate(database: peewee.Database) -> int:

@@ -70,3 +70,19 @@ def month_report(month: str) -> dict:
     problems += [f"succeeded live item {b}:{i} has no ledger entry" for b, i in unbilled]
     return {"month": month, "accounts": accounts, "total_cost_usd": format_usd(total),
             "problems": problems}
+
+
+GROUP_COLUMNS = {"day": LedgerEntry.day, "model": LedgerEntry.model,
+                 "batch": LedgerEntry.batch_id, "api_key": LedgerEntry.api_key_id}
+
+
+def usage_rows(account_id: str, start_day: str, end_day: str, group_by: str) -> list[tuple]:
+    """(key, items, input_tokens, output_tokens, cost_micro) per group, [start_day, end_day)."""
+    column = GROUP_COLUMNS[group_by]
+    return list(LedgerEntry.select(column, peewee.fn.COUNT(LedgerEntry.id),
+                                   peewee.fn.SUM(LedgerEntry.input_tokens),
+                                   peewee.fn.SUM(LedgerEntry.output_tokens),
+                                   peewee.fn.SUM(LedgerEntry.amount_micro))
+                .where(LedgerEntry.account_id == account_id, LedgerEntry.day >= start_day,
+                       LedgerEntry.day < end_day)
+                .group_by(column).order_by(column).tuples())

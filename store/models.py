@@ -216,6 +216,7 @@ class LedgerEntry(BaseModel):
     amount_micro = peewee.BigIntegerField()
     estimated = peewee.BooleanField(default=False)
     created_at = peewee.FloatField(index=True)
+    day = peewee.CharField(index=True, default="")   # UTC "YYYY-MM-DD" of created_at (reports)
 
 
 class DeliveryStatus(enum.StrEnum):

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from core.clock import rfc3339
+from core.clock import rfc3339, utc_day
 from core.errors import ProviderError
 from core.money import format_usd, line_cost_micro
 from core.security import new_id
@@ -196,7 +196,8 @@ class Dispatcher:
                       "output_tokens": output_tokens,
                       "input_price_nano": route.input_per_mtok_nano,
                       "output_price_nano": route.output_per_mtok_nano,
-                      "amount_micro": cost, "estimated": estimated, "created_at": now}
+                      "amount_micro": cost, "estimated": estimated, "created_at": now,
+                      "day": utc_day(now)}
         self._queue.complete(claim, status=ItemStatus.SUCCEEDED.value, result=line,
                              cost_micro=cost, ledger=ledger, at=now)
 
