@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import falcon
 
-from api import artifacts, auth, batches, errors, keys, quotes, service, usage, webhooks
+from api import artifacts, auth, batches, errors, keys, openapi, quotes, service, usage, webhooks
 from api.context import Services
 from api.http import RequestContext
 
@@ -15,6 +15,7 @@ def routes(services: Services) -> list[tuple[str, object]]:
         ("/readyz", service.Ready(services)),
         ("/metrics", service.Metrics(services)),
         ("/v1/models", service.Models(services)),
+        ("/v1/openapi.json", openapi.OpenApi(services.public_url)),
         ("/v1/auth/agent-register", auth.Register(services)),
         ("/v1/auth/verify-email/confirm", auth.VerifyEmail(services)),
         ("/v1/auth/verify-email/resend", auth.ResendVerification(services)),
