@@ -85,7 +85,8 @@ class Runtime:
         threads = min(sched["max_threads"], max(4, sum(limits.values())))
         self.scheduler = Scheduler(self.jobs, self.dispatcher, self.artifacts, threads=threads,
                                    poll_interval_s=sched["poll_interval_s"], now=now,
-                                   on_batch_end=self.webhooks.wake)
+                                   on_batch_end=self.webhooks.wake,
+                                   retention_days=config["artifacts"]["retention_days"])
         self.ready = threading.Event()
         limit = config["limits"]["monthly_spend_limit_usd"]
         self.services = Services(

@@ -17,7 +17,7 @@ from api.quotes import check_spend, find_quote
 from api.validation import ENVELOPE_FIELDS, check_fields, envelope
 from api.webhooks import last_delivery
 from core.clock import rfc3339
-from core.errors import Conflict, IdempotencyError, InvalidRequest
+from core.errors import Conflict, Gone, IdempotencyError, InvalidRequest
 from core.money import format_usd
 from core.pricing import canonical_json, items_digest
 from core.security import new_id
@@ -309,10 +309,20 @@ class BatchResults:
         if status is not None and status not in ended:
             raise InvalidRequest(f"status must be one of {', '.join(ended)}", param="status",
                                  code="invalid_field")
-        lines = self.s.jobs.iter_results(batch.id, (status,) if status else None)
         resp.status = 200
         resp.content_type = "application/x-ndjson"
-        resp.stream = (json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n" for line in lines)
+        if batch.ended_at is None:
+            lines = self.s.jobs.iter_results(batch.id, (status,) if status else None)
+            resp.stream = (json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n" for line in lines)
+            return
+        # An ended batch's results live in its artifact (the journal may have let them go).
+        try:
+            raw = self.s.artifacts.iter_lines(batch.id, "results.jsonl")
+        except FileNotFoundError:
+            raise Gone("this batch's results were removed after the retention period",
+                       code="results_removed") from None
+        resp.stream = raw if status is None else (
+            line for line in raw if json.loads(line)["status"] == status)
 
 
 class BatchArtifactUrls:

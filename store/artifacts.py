@@ -6,9 +6,9 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from core.security import TokenExpired, TokenInvalid, TokenSigner
 
@@ -134,11 +134,10 @@ class ArtifactStore:
     def delete_batch(self, batch_id: str) -> None:
         _remove_tree(self._batch_dir(batch_id))
 
-    def sweep(self, ended_before: dict[str, float] | Iterable[str]) -> int:
-        """Remove the dirs of the given batch ids (a dict contributes its keys)."""
-        # Validate every id before deleting anything, so bad input removes nothing.
-        dirs = [self._batch_dir(batch_id) for batch_id in ended_before]
-        return sum(_remove_tree(d) for d in dirs)
+    def iter_lines(self, batch_id: str, name: str) -> Iterator[bytes]:
+        """The artifact's lines, streamed (FileNotFoundError if it is gone)."""
+        handle = open(self.path(batch_id, name), "rb")
+        return _lines(handle)
 
     def etag(self, batch_id: str, name: str) -> str:
         """Strong ETag; write() always makes a new inode, so a rewrite changes it."""
@@ -188,3 +187,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size:
         raise RangeNotSatisfiable(f"Range {header!r} starts beyond {size} bytes", size)
     return start, min(end, size - 1)
+
+
+def _lines(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        yield from handle

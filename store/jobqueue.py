@@ -119,6 +119,15 @@ class JobQueue:
                                        "status": status, "artifacts": artifacts, "at": at,
                                        "webhook": webhook})])
 
+    def past_retention(self, ended_before: float, limit: int = 100) -> list[str]:
+        """Ended batches whose artifacts are older than the retention period."""
+        return [b for (b,) in Batch.select(Batch.id).where(
+            Batch.ended_at < ended_before, Batch.artifacts != "[]").limit(limit).tuples()]
+
+    def artifacts_removed(self, batch_id: str, at: float) -> None:
+        self.committer.commit([encode({"type": "batch.artifacts_removed", "batch_id": batch_id,
+                                       "at": at})])
+
     def recover(self) -> int:
         """Replays what SQLite missed; items that were running when we stopped run again."""
         applied = self.committer.replay()

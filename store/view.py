@@ -173,6 +173,10 @@ def _batch_deleted(rec: Record, pos: int, group: GroupState) -> None:
     Batch.update(deleted_at=rec["at"], artifacts="[]").where(Batch.id == rec["batch_id"]).execute()
 
 
+def _artifacts_removed(rec: Record, pos: int, group: GroupState) -> None:
+    Batch.update(artifacts="[]").where(Batch.id == rec["batch_id"]).execute()
+
+
 APPLY: dict[str, Callable[[Record, int, GroupState], None]] = {
     "batch.submitted": _batch_submitted,
     "item.submitted": _item_submitted,
@@ -185,6 +189,7 @@ APPLY: dict[str, Callable[[Record, int, GroupState], None]] = {
     "batch.deadline_passed": _deadline_passed,
     "batch.ended": _batch_ended,
     "batch.deleted": _batch_deleted,
+    "batch.artifacts_removed": _artifacts_removed,
 }
 
 

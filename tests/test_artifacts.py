@@ -112,21 +112,6 @@ def test_delete_batch_and_missing_is_fine(store):
     store.delete_batch("bat_neverexisted")
 
 
-def test_sweep_removes_given_batches(store):
-    for b in ("bat_1", "bat_2", "bat_3"):
-        store.write(b, "results.jsonl", LINES)
-    assert store.sweep({"bat_1": T0, "bat_2": T0, "bat_9": T0}) == 2
-    assert store.sweep(["bat_3"]) == 1
-    assert not any(store.root.iterdir())
-
-
-def test_sweep_validates_before_deleting(store):
-    store.write("bat_1", "results.jsonl", LINES)
-    with pytest.raises(ValueError):
-        store.sweep(["bat_1", "../oops"])
-    assert store.exists("bat_1", "results.jsonl")
-
-
 def test_etag_is_quoted_and_changes_on_rewrite(store):
     store.write("bat_1", "results.jsonl", LINES)
     first = store.etag("bat_1", "results.jsonl")

@@ -328,9 +328,6 @@ def test_no_errors_jsonl_when_every_item_succeeded(api: Api, done: dict) -> None
         check_line(line)
 
 
-@pytest.mark.xfail(reason="BUG: [artifacts] retention_days is never applied: ArtifactStore.sweep "
-                          "(store/artifacts.py) is called from nowhere, so ended batches' artifacts stay "
-                          "forever (SPEC §4)", strict=True)
 def test_artifacts_are_removed_after_retention_days(make_runtime, clock) -> None:
     runtime, api, who = setup(make_runtime, now=clock, artifacts={"retention_days": 1})
     key = who["key"]

@@ -594,10 +594,6 @@ class GatedOpenAI(FakeOpenAIServer):
         return super().answer(path, headers, body)
 
 
-@pytest.mark.xfail(reason="BUG: workers/dispatch.py _call checks cancel/deadline only when "
-                          "limit.acquire(timeout=SLOT_POLL_S) times out, never after it succeeds: an "
-                          "item waiting for the slot when a cancel lands takes the freed slot and is "
-                          "called (and billed) after the cancel (SPEC §4 cancel)", strict=True)
 def test_cancel_lands_while_items_wait_then_the_slot_frees(make_runtime) -> None:
     with GatedOpenAI() as upstream:
         file_data = {"providers": [{"name": "fake", "kind": "openai", "base_url": upstream.url,
@@ -778,11 +774,6 @@ def test_the_priced_output_cap_is_what_goes_upstream(make_runtime, fake_openai) 
     assert fake_openai.requests[0][2]["max_output_tokens"] == 5
 
 
-@pytest.mark.xfail(reason="BUG: an item at the provider when deadline_at passes still ends succeeded and "
-                          "billed: store/jobqueue.py expire_overdue and store/view.py _deadline_passed "
-                          "only end queued items and workers/dispatch.py _succeed never compares with "
-                          "the deadline (SPEC §4: items still unfinished at deadline_at end expired, "
-                          "not billed)", strict=True)
 def test_an_answer_after_the_deadline_is_expired_not_billed(make_runtime, clock) -> None:
     with GatedOpenAI() as upstream:
         file_data = {"providers": [{"name": "fake", "kind": "openai", "base_url": upstream.url,

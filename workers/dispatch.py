@@ -101,16 +101,18 @@ class Dispatcher:
         try:
             result = self._call(plan, route, item, claim)
         except Abandoned as exc:
-            line = self._line(item, exc.status, None, claim.attempts, self._now())
-            line["error"] = {"code": exc.status, "message": exc.message, "provider_status": None}
-            self._queue.complete(claim, status=exc.status, result=line, cost_micro=0, ledger=None,
-                                 at=self._now())
+            self._end_unrun(claim, item, claim.attempts, exc.status, exc.message)
             return
         except ProviderError as exc:
             attempts = claim.attempts + [self._attempt(route, started, exc.status_code, exc.message)]
             self._after_error(claim, item, route, routes, attempts, exc)
             return
         attempts = claim.attempts + [self._attempt(route, started, result.status_code, None)]
+        if self._now() >= claim.deadline_at:
+            # SPEC §4: unfinished at the deadline means expired, and expired is not billed.
+            self._end_unrun(claim, item, attempts, ItemStatus.EXPIRED.value,
+                            "the answer arrived after the batch's deadline")
+            return
         self._succeed(claim, item, plan, route, result, attempts)
 
     def _call(self, plan: BatchPlan, route: Route, item: dict, claim: Claim) -> ProviderResult:
@@ -127,6 +129,7 @@ class Dispatcher:
         while not limit.acquire(timeout=SLOT_POLL_S):
             self._check_still_wanted(claim)
         try:
+            self._check_still_wanted(claim)     # the wait may have outlived the batch's wishes
             return provider.call(call)
         finally:
             limit.release()
@@ -138,6 +141,13 @@ class Dispatcher:
         if self._now() >= claim.deadline_at:
             raise Abandoned(ItemStatus.EXPIRED.value, "the batch's deadline passed before this item ran")
 
+    def _end_unrun(self, claim: Claim, item: dict, attempts: list, status: str, message: str) -> None:
+        """Ends an item cancelled or expired: no result, no cost."""
+        now = self._now()
+        line = self._line(item, status, None, attempts, now)
+        line["error"] = {"code": status, "message": message, "provider_status": None}
+        self._queue.complete(claim, status=status, result=line, cost_micro=0, ledger=None, at=now)
+
     def _attempt(self, route: Route, started: float, status_code: int | None,
                  error: str | None) -> dict:
         return {"provider": route.provider, "model": route.model, "started_at": rfc3339(started),
@@ -148,7 +158,10 @@ class Dispatcher:
                      attempts: list, exc: ProviderError) -> None:
         on_route = sum(1 for a in attempts if a["provider"] == route.provider and a["model"] == route.model)
         now = self._now()
-        if exc.retryable and on_route < self._policy.attempts_per_route:
+        if now >= claim.deadline_at:
+            self._end_unrun(claim, item, attempts, ItemStatus.EXPIRED.value,
+                            f"the batch's deadline passed; last error: {exc.message}")
+        elif exc.retryable and on_route < self._policy.attempts_per_route:
             delay = self._policy.delay(on_route, exc.retry_after, self._rng)
             self._queue.retry(claim, next_attempt_at=now + delay, route_index=claim.route_index,
                               attempts=attempts, at=now)

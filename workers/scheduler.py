@@ -23,8 +23,10 @@ class Scheduler:
     def __init__(self, jobs: JobQueue, dispatcher: Dispatcher, artifacts: ArtifactStore, *,
                  threads: int, poll_interval_s: float = 0.05, housekeeping_s: float = 1.0,
                  checkpoint_s: float = 30.0, now: Callable[[], float] = time.time,
-                 on_batch_end: Callable[[], None] = lambda: None) -> None:
+                 on_batch_end: Callable[[], None] = lambda: None,
+                 retention_days: int = 30) -> None:
         self._on_batch_end = on_batch_end
+        self._retention_s = retention_days * 86400
         self._jobs = jobs
         self._dispatcher = dispatcher
         self._artifacts = artifacts
@@ -116,11 +118,20 @@ class Scheduler:
     def housekeeping(self, now: float) -> None:
         self._jobs.expire_overdue(now)
         self.finalize_ready(now)
+        self.remove_old_artifacts(now)
         if now - self._last_checkpoint >= self._checkpoint_s:
             self._last_checkpoint = now
             dropped = self._jobs.checkpoint()
             if dropped:
                 log.info("dropped %d journal segments", dropped)
+
+    def remove_old_artifacts(self, now: float) -> int:
+        """SPEC §4: ended batches' artifacts go after [artifacts] retention_days."""
+        batch_ids = self._jobs.past_retention(now - self._retention_s)
+        for batch_id in batch_ids:
+            self._artifacts.delete_batch(batch_id)
+            self._jobs.artifacts_removed(batch_id, now)
+        return len(batch_ids)
 
     def finalize_ready(self, now: float) -> int:
         """Writes artifacts of batches whose items have all ended, then sets the final status."""
