@@ -23,13 +23,16 @@ from core.mailer import build_mailer, is_valid_address
 from core.money import parse_decimal, usd_to_micro
 from core.security import Sealer, TokenSigner, hash_api_key, hash_password, new_api_key, new_id
 from store import accounts, ledger
+from store import batches as batch_store
 from store.artifacts import ArtifactStore
 from store.committer import Committer
 from store.database import open_database
 from store.jobqueue import JobQueue
 from store.journal import Journal
 from workers.dispatch import Dispatcher, RetryPolicy
+from workers.limits import ProviderGate
 from workers.providers import build_provider
+from workers.routing import Forecast
 from workers.scheduler import Scheduler
 from workers.webhooks import WebhookSender
 
@@ -73,16 +76,16 @@ class Runtime:
         self.providers = {p["name"]: build_provider(p, environ) for p in config["providers"]}
         self.simulator = build_provider({"name": "simulator", "kind": "simulated"}, environ)
         sched = config["scheduler"]
-        limits = {p["name"]: p["max_concurrency"] for p in config["providers"]}
+        self.gates = {p["name"]: ProviderGate(p, now=now) for p in config["providers"]}
         self.dispatcher = Dispatcher(
-            self.jobs, self.providers, self.simulator, max_concurrency=limits,
+            self.jobs, self.providers, self.simulator, gates=self.gates,
             policy=RetryPolicy(sched["attempts_per_route"], sched["backoff_base_s"],
                                sched["backoff_max_s"]), now=now)
         hooks = config["webhooks"]
         self.webhooks = WebhookSender(
             self.db, Sealer(keys), allow_hosts=hooks["allow_hosts"], schedule=hooks["retry_schedule_s"],
             timeout_s=hooks["timeout_s"], threads=hooks["max_concurrency"], now=now)
-        threads = min(sched["max_threads"], max(4, sum(limits.values())))
+        threads = min(sched["max_threads"], max(4, sum(g.max_concurrency for g in self.gates.values())))
         self.scheduler = Scheduler(self.jobs, self.dispatcher, self.artifacts, threads=threads,
                                    poll_interval_s=sched["poll_interval_s"], now=now,
                                    on_batch_end=self.webhooks.wake,
@@ -98,10 +101,18 @@ class Runtime:
             public_url=public_url, environ=environ, now=now,
             dummy_hash=hash_password("not-a-password", config["auth"]["scrypt_n"]),
             default_spend_limit_micro=usd_to_micro(parse_decimal(limit)) if limit else None,
-            wake_scheduler=self.scheduler.wake, wake_webhooks=self.webhooks.wake, is_ready=self.ready.is_set,
+            forecast=self.forecast, wake_scheduler=self.scheduler.wake,
+            wake_webhooks=self.webhooks.wake, is_ready=self.ready.is_set,
             metrics=lambda: {"items_in_flight": self.scheduler.in_flight,
                              "journal_bytes": self.journal.size_bytes()})
         self.app = create_app(self.services)
+
+    def forecast(self, window_s: float, items: int, deadline_at: float) -> Forecast:
+        """What routing needs to plan a request against its deadline, measured now."""
+        return Forecast(latency_s={n: g.latency_s for n, g in self.gates.items()},
+                        capacity_per_s={n: g.capacity_per_s() for n, g in self.gates.items()},
+                        backlog=batch_store.queued_before(deadline_at), items=items,
+                        window_s=window_s)
 
     def start(self) -> None:
         """Recover (replay the journal, requeue what was in flight), then take work."""

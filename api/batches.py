@@ -197,8 +197,9 @@ class Batches:
         tier = self.s.config["sla_tiers"][request["sla_tier"]]
         deadline = now + tier["window_s"]
         item_records, default_cap = [], self.s.config["quotes"]["default_max_output_tokens"]
+        forecast = self.s.forecast(tier["window_s"], len(request["items"]), deadline)
         for idx, item in enumerate(request["items"]):
-            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap)
+            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap, None, forecast)
             item_records.append({
                 "batch_id": batch_id, "idx": idx,
                 "account_id": caller.account.id, "mode": caller.mode,
@@ -206,7 +207,8 @@ class Batches:
                 "model": item["model"], "model_options": item.get("model_options") or [],
                 "input": item["input"], "max_output_tokens": plan.output_cap if plan else 0,
                 "est_input_tokens": plan.est_input_tokens if plan else 0,
-                "max_cost_micro": plan.max_micro if plan else 0, "deadline_at": deadline})
+                "max_cost_micro": plan.max_micro if plan else 0, "deadline_at": deadline,
+                "routes": [[r.model, r.provider] for r in plan.routes] if plan else []})
         webhook = request["webhook"]
         fields = {
             "id": batch_id, "account": caller.account.id, "api_key_id": caller.key.id,

@@ -29,6 +29,7 @@ class Services:
     now: Callable[[], float]
     dummy_hash: str
     default_spend_limit_micro: int | None
+    forecast: Callable[[float, int, float], Any] | None = None   # (window_s, items, deadline) -> Forecast
     wake_scheduler: Callable[[], None] = lambda: None
     wake_webhooks: Callable[[], None] = lambda: None
     is_ready: Callable[[], bool] = lambda: True

@@ -66,15 +66,19 @@ class Quotes:
             allowed_regions=request["allowed_regions"], live=live,
             multiplier=tier["price_multiplier"], environ=self.s.environ)
         lines: dict[tuple[str, str], dict] = {}
-        used_routes: dict[tuple[str, str], dict] = {}
-        unroutable, estimated, maximum = [], 0, 0
+        used_routes: dict[tuple[str, str], Route] = {}
+        unroutable, late, estimated, maximum = [], [], 0, 0
         default_cap = self.s.config["quotes"]["default_max_output_tokens"]
+        now = self.s.now()
+        forecast = self.s.forecast(tier["window_s"], len(request["items"]), now + tier["window_s"])
         for item in request["items"]:
             plan, reason = plan_item(item, routes_by_model, request["routing_mode"], default_cap,
-                                     refusals)
+                                     refusals, forecast)
             if plan is None:
                 unroutable.append(_unroutable(item, reason))
                 continue
+            if not plan.meets_deadline:
+                late.append((item, plan))
             estimated += plan.estimated_micro
             maximum += plan.max_micro
             for route in plan.routes:
@@ -84,13 +88,14 @@ class Quotes:
             raise InvalidRequest(
                 f"{len(unroutable)} item(s) have no route that can serve them; see details",
                 code="unroutable_items", param="items", details=unroutable[:MAX_DETAILS])
+        if late:
+            raise _deadline_unachievable(request["sla_tier"], tier["window_s"], late)
         if cap_micro is not None and maximum > cap_micro:
             raise InvalidRequest(
                 f"the quote's max cost {format_usd(maximum)} USD is above max_cost_usd "
                 f"{format_usd(cap_micro)} USD", code="max_cost_exceeded", param="max_cost_usd")
         if live:
             check_spend(self.s, caller.account, maximum)
-        now = self.s.now()
         quote_id = new_id("qlock_")
         expires_at = now + self.s.config["quotes"]["ttl_s"]
         response = {
@@ -143,6 +148,18 @@ def _max_cost_cap(body: dict) -> int | None:
     except ValueError as exc:
         raise InvalidRequest(f"max_cost_usd must be a decimal string such as \"5.00\": {exc}",
                              param="max_cost_usd", code="invalid_field") from None
+
+
+def _deadline_unachievable(tier: str, window_s: int, late: list) -> InvalidRequest:
+    best = max(plan.best_finish_s for _, plan in late)
+    details = [{"customer_item_id": item["customer_item_id"], "code": "deadline_unachievable",
+                "message": f"expected to finish in {plan.best_finish_s:.0f} s at the earliest"}
+               for item, plan in late[:MAX_DETAILS]]
+    return InvalidRequest(
+        f"{len(late)} item(s) cannot finish within the {tier} tier's {window_s} s window given the "
+        f"queue and the providers' measured throughput; the best achievable is about {best:.0f} s. "
+        "Choose a longer tier, fewer items, or other models.",
+        code="deadline_unachievable", param="sla_tier", details=details)
 
 
 def _unroutable(item: dict, reason: str | None) -> dict:

@@ -42,3 +42,9 @@ def cancel_requested(batch_id: str) -> bool:
 def with_quote(batch_id: str) -> tuple[Batch, Quote]:
     batch = Batch.get_by_id(batch_id)
     return batch, Quote.get_by_id(batch.quote_id)
+
+
+def queued_before(deadline_at: float) -> int:
+    """Items not yet ended that run before a batch with this deadline (earliest deadline first)."""
+    return (Item.select(fn.COUNT(Item.id))
+            .where(Item.status.in_(["queued", "running"]), Item.deadline_at <= deadline_at).scalar())

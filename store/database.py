@@ -28,8 +28,11 @@ def open_database(url: str) -> peewee.Database:
             path = "/" + path.lstrip("/")
         elif url.startswith("sqlite:///"):
             path = path[1:] if path.startswith("/") else path
-        database: peewee.Database = peewee.SqliteDatabase(path, pragmas=SQLITE_PRAGMAS,
-                                                          check_same_thread=False)
+        # BEGIN IMMEDIATE: a transaction that reads then writes takes the write lock up front,
+        # so it waits (busy_timeout) instead of failing with "database is locked" when another
+        # writer committed since it started reading.
+        database: peewee.Database = peewee.SqliteDatabase(
+            path, pragmas=SQLITE_PRAGMAS, check_same_thread=False, lock_type="IMMEDIATE")
     elif parsed.scheme in ("postgres", "postgresql"):
         database = peewee.PostgresqlDatabase(
             parsed.path.lstrip("/"), user=unquote(parsed.username or "") or None,

@@ -16,8 +16,9 @@ from core.security import new_id
 from store import batches as batch_store
 from store.jobqueue import Claim, JobQueue
 from store.models import ItemStatus, Mode
+from workers.limits import ProviderGate
 from workers.providers.base import Provider, ProviderCall, ProviderResult
-from workers.routing import Route, candidates
+from workers.routing import Route
 
 log = logging.getLogger("batchrouter.dispatch")
 
@@ -29,7 +30,7 @@ class BatchPlan:
     routing_mode: str
     account_id: str
     api_key_id: str
-    routes_by_model: dict[str, list[Route]]
+    routes: dict[tuple[str, str], Route]    # the quote's locked routes by (model, provider)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ SLOT_POLL_S = 0.25
 
 class Dispatcher:
     def __init__(self, queue: JobQueue, providers: Mapping[str, Provider], simulator: Provider,
-                 *, max_concurrency: Mapping[str, int], policy: RetryPolicy,
+                 *, gates: Mapping[str, ProviderGate], policy: RetryPolicy,
                  now: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self._queue = queue
         self._providers = providers
@@ -67,7 +68,7 @@ class Dispatcher:
         self._policy = policy
         self._now = now
         self._rng = rng or random.Random()
-        self._limits = {name: threading.BoundedSemaphore(n) for name, n in max_concurrency.items()}
+        self.gates = gates
         self._plans: dict[str, BatchPlan] = {}
         self._plans_lock = threading.Lock()
 
@@ -76,9 +77,8 @@ class Dispatcher:
             plan = self._plans.get(batch_id)
         if plan is None:
             batch, quote = batch_store.with_quote(batch_id)
-            routes: dict[str, list[Route]] = {}
-            for raw in json.loads(quote.routes):
-                routes.setdefault(raw["model"], []).append(Route.from_json(raw))
+            routes = {(raw["model"], raw["provider"]): Route.from_json(raw)
+                      for raw in json.loads(quote.routes)}
             plan = BatchPlan(batch.mode, batch.routing_mode, batch.account_id, batch.api_key_id,
                              routes)
             with self._plans_lock:
@@ -90,13 +90,15 @@ class Dispatcher:
     def run(self, claim: Claim) -> None:
         item = self._queue.read_item(claim)
         plan = self.plan(claim.batch_id)
-        routes, reason = candidates(item, plan.routes_by_model, plan.routing_mode,
-                                    item["est_input_tokens"], item["max_output_tokens"])
+        # The order was decided at submit (routing mode, deadline forecast); prices are the quote's.
+        routes = [plan.routes[(model, provider)] for model, provider in item["routes"]]
         if claim.route_index >= len(routes):
-            self._fail(claim, item, claim.attempts, code=reason or "no_route_left",
+            self._fail(claim, item, claim.attempts, code="no_route_left",
                        message="no candidate route is left for this item", status=None)
             return
         route = routes[claim.route_index]
+        if self._paused(claim, routes, route):
+            return
         started = self._now()
         try:
             result = self._call(plan, route, item, claim)
@@ -123,16 +125,39 @@ class Dispatcher:
         # The cap the quote priced is sent upstream, so no answer can cost more than quoted.
         call = ProviderCall(item["operation"], route.upstream_model, item["input"],
                             item["max_output_tokens"] or None)
-        limit = self._limits.get(route.provider)
-        if limit is None:
-            return provider.call(call)
-        while not limit.acquire(timeout=SLOT_POLL_S):
-            self._check_still_wanted(claim)
+        gate = self.gates[route.provider]
+        gate.acquire(item["est_input_tokens"] + item["max_output_tokens"],
+                     lambda: self._check_still_wanted(claim))
+        started = self._now()
         try:
-            self._check_still_wanted(claim)     # the wait may have outlived the batch's wishes
-            return provider.call(call)
-        finally:
-            limit.release()
+            result = provider.call(call)
+        except ProviderError as exc:
+            gate.release(None)
+            if exc.retryable and exc.status_code != 429:   # a rate limit is not a broken provider
+                gate.breaker.failure()
+            raise
+        except BaseException:
+            gate.release(None)
+            raise
+        gate.release(self._now() - started)
+        gate.breaker.success()
+        return result
+
+    def _paused(self, claim: Claim, routes: list[Route], route: Route) -> bool:
+        """A provider whose breaker is open: its work flows to the next candidate, or waits."""
+        if self.gates[route.provider].breaker.allow():
+            return False
+        now = self._now()
+        for index in range(claim.route_index + 1, len(routes)):
+            if self.gates[routes[index].provider].breaker.state == "closed":
+                self._queue.retry(claim, next_attempt_at=now, route_index=index,
+                                  attempts=claim.attempts, at=now)
+                return True
+        # Every later candidate is paused too: wait for this one to be probed again.
+        reopen = max(self.gates[route.provider].breaker.reopens_at, now + SLOT_POLL_S)
+        self._queue.retry(claim, next_attempt_at=reopen, route_index=claim.route_index,
+                          attempts=claim.attempts, at=now)
+        return True
 
     def _check_still_wanted(self, claim: Claim) -> None:
         """While waiting for a slot: a cancel or the deadline ends the item without a call."""

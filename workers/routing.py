@@ -84,9 +84,27 @@ def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_reg
     return routes, refusals
 
 
+@dataclass(frozen=True)
+class Forecast:
+    """What the router knows of the near future: each provider's measured latency and
+    throughput, and how many queued items will run before this request's (EDF)."""
+    latency_s: Mapping[str, float]
+    capacity_per_s: Mapping[str, float]
+    backlog: int
+    items: int
+    window_s: float
+
+    def finish_s(self, route: Route) -> float:
+        return (self.backlog + self.items) / max(self.capacity_per_s.get(route.provider, 1.0), 1e-9)
+
+    def feasible(self, route: Route) -> bool:
+        return self.finish_s(route) <= self.window_s
+
+
 def candidates(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
                routing_mode: str, est_input_tokens: int, out_cap: int,
-               refusals: Mapping[str, str] | None = None) -> tuple[list[Route], str | None]:
+               refusals: Mapping[str, str] | None = None,
+               forecast: Forecast | None = None) -> tuple[list[Route], str | None]:
     """The ordered routes an item may use, or ([], reason)."""
     names = list(dict.fromkeys([item["model"], *(item.get("model_options") or [])]))
     if routing_mode == "pinned":
@@ -107,12 +125,17 @@ def candidates(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route
             reason = reason or (refusals or {}).get(name, "unknown_model")
         if fitting:
             per_model.append(fitting)
-    ordered = _order(per_model, routing_mode, est_input_tokens, out_cap)
+    ordered = _order(per_model, routing_mode, est_input_tokens, out_cap, forecast)
+    if forecast is not None and routing_mode != "pinned":
+        # Routes expected to finish before the deadline come first, in the mode's order; the
+        # others stay behind them as fallbacks of last resort.
+        ordered = ([r for r in ordered if forecast.feasible(r)]
+                   + [r for r in ordered if not forecast.feasible(r)])
     return ordered, (None if ordered else reason or "unknown_model")
 
 
 def _order(per_model: list[list[Route]], routing_mode: str, est_input_tokens: int,
-           out_cap: int) -> list[Route]:
+           out_cap: int, forecast: Forecast | None) -> list[Route]:
     def cost(route: Route) -> int:
         return estimated_cost_micro(est_input_tokens, out_cap, route.input_per_mtok_nano,
                                     route.output_per_mtok_nano)
@@ -122,7 +145,9 @@ def _order(per_model: list[list[Route]], routing_mode: str, est_input_tokens: in
     if routing_mode == "cost":
         return sorted((r for routes in per_model for r in routes), key=cost)
     if routing_mode == "latency":
-        return [r for routes in per_model for r in routes]
+        latency = forecast.latency_s if forecast else {}
+        return sorted((r for routes in per_model for r in routes),
+                      key=lambda r: latency.get(r.provider, float("inf")))
     # sla_aware: the item's own model first, cheapest route first, then each option in order.
     return [r for routes in per_model for r in sorted(routes, key=cost)]
 
@@ -135,19 +160,23 @@ class ItemPlan:
     routes: list[Route]
     estimated_micro: int
     max_micro: int
+    best_finish_s: float          # the soonest any of its routes is expected to finish (0: unknown)
+    meets_deadline: bool
 
 
 def plan_item(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
-              routing_mode: str, default_cap: int,
-              refusals: Mapping[str, str] | None = None) -> tuple[ItemPlan | None, str | None]:
+              routing_mode: str, default_cap: int, refusals: Mapping[str, str] | None = None,
+              forecast: Forecast | None = None) -> tuple[ItemPlan | None, str | None]:
     est = estimate_input_tokens(item["input"])
     cap = output_cap(item, default_cap)
-    routes, reason = candidates(item, routes_by_model, routing_mode, est, cap, refusals)
+    routes, reason = candidates(item, routes_by_model, routing_mode, est, cap, refusals, forecast)
     if not routes:
         return None, reason
     first = routes[0]
+    best = min(forecast.finish_s(r) for r in routes) if forecast else 0.0
     return ItemPlan(
         est, cap, routes,
         estimated_cost_micro(est, cap, first.input_per_mtok_nano, first.output_per_mtok_nano),
         max(max_cost_micro(est, cap, r.input_per_mtok_nano, r.output_per_mtok_nano) for r in routes),
+        best, forecast is None or forecast.feasible(first),
     ), None

@@ -1,0 +1,126 @@
+"""Per-provider limits shared by every batch: concurrency, rpm/tpm token buckets, a circuit
+breaker, and the measured latency that routing uses to predict throughput."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+DEFAULT_LATENCY_S = 1.0       # assumed until a provider has answered
+EWMA_WEIGHT = 0.2
+
+
+class TokenBucket:
+    """`rate_per_min` tokens a minute, bursting to one minute's worth."""
+
+    def __init__(self, rate_per_min: int, now: Callable[[], float]) -> None:
+        self.capacity = float(rate_per_min)
+        self._rate_per_s = rate_per_min / 60.0
+        self._tokens = self.capacity
+        self._now = now
+        self._stamp = now()
+        self._lock = threading.Lock()
+
+    def try_take(self, amount: float) -> float:
+        """Takes `amount` and returns 0, or returns how long to wait before enough is there."""
+        amount = min(amount, self.capacity)      # an item larger than a minute's budget waits for a full one
+        with self._lock:
+            now = self._now()
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self._rate_per_s)
+            self._stamp = now
+            if self._tokens >= amount:
+                self._tokens -= amount
+                return 0.0
+            return (amount - self._tokens) / self._rate_per_s
+
+
+class Breaker:
+    """Opens after `threshold` failures in a row; after `cooldown_s` one probe call is let through."""
+
+    def __init__(self, threshold: int, cooldown_s: float, now: Callable[[], float]) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._now = now
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self._failures < self.threshold:
+                return True
+            if self._now() < self._open_until or self._probing:
+                return False
+            self._probing = True           # half-open: exactly one call finds out
+            return True
+
+    @property
+    def reopens_at(self) -> float:
+        return self._open_until
+
+    @property
+    def state(self) -> str:
+        if self._failures < self.threshold:
+            return "closed"
+        return "half_open" if self._now() >= self._open_until else "open"
+
+    def success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._probing = False
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            self._probing = False
+            if self._failures >= self.threshold:
+                self._open_until = self._now() + self.cooldown_s
+
+
+class ProviderGate:
+    """Everything that decides whether a call to one provider may start now."""
+
+    def __init__(self, cfg: dict[str, Any], *, now: Callable[[], float] = time.time,
+                 breaker_threshold: int = 5, breaker_cooldown_s: float = 30.0) -> None:
+        self.name = cfg["name"]
+        self.max_concurrency = cfg["max_concurrency"]
+        self._slots = threading.BoundedSemaphore(self.max_concurrency)
+        self.rpm = TokenBucket(cfg["rpm"], now) if cfg.get("rpm") else None
+        self.tpm = TokenBucket(cfg["tpm"], now) if cfg.get("tpm") else None
+        self.breaker = Breaker(breaker_threshold, breaker_cooldown_s, now)
+        simulated = cfg.get("kind") == "simulated"
+        self.latency_s = (cfg.get("latency_ms", 0) / 1000 + 0.001) if simulated else DEFAULT_LATENCY_S
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def acquire(self, tokens: int, still_wanted: Callable[[], None], poll_s: float = 0.25) -> None:
+        """Blocks until a slot and the rate budgets allow a call; `still_wanted` may raise to give up."""
+        while not self._slots.acquire(timeout=poll_s):
+            still_wanted()
+        try:
+            for bucket, amount in ((self.rpm, 1), (self.tpm, tokens)):
+                while bucket is not None and (wait := bucket.try_take(amount)) > 0:
+                    still_wanted()
+                    time.sleep(min(wait, poll_s))
+            still_wanted()
+        except BaseException:
+            self._slots.release()
+            raise
+        with self._lock:
+            self.in_flight += 1
+
+    def release(self, duration_s: float | None) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if duration_s is not None:
+                self.latency_s += EWMA_WEIGHT * (duration_s - self.latency_s)
+        self._slots.release()
+
+    def capacity_per_s(self) -> float:
+        """Little's law on measured latency, capped by the request rate limit."""
+        rate = self.max_concurrency / max(self.latency_s, 0.001)
+        if self.rpm is not None:
+            rate = min(rate, self.rpm.capacity / 60.0)
+        return rate
