@@ -93,8 +93,15 @@ def _migration_3(database: peewee.Database) -> None:
             models.LedgerEntry.id == entry.id).execute()
 
 
+def _migration_4(database: peewee.Database) -> None:
+    """Fair claiming looks up due items per account (same name peewee gives the model index)."""
+    database.execute_sql("CREATE INDEX IF NOT EXISTS item_status_account_id_deadline_at "
+                         "ON item (status, account_id, deadline_at)")
+
+
 # Ordered, numbered; an older database runs the ones it has not seen yet, each in a transaction.
-MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3]
+MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3,
+                                                       _migration_4]
 
 
 def migrate(database: peewee.Database) -> int:

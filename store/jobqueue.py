@@ -29,6 +29,8 @@ from store.committer import Committer, encode
 from store.journal import Journal
 from store.models import Batch, BatchStatus, Item, ItemStatus
 
+DEADLINE_BUCKET_S = 900.0
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -68,21 +70,41 @@ class JobQueue:
     # ---- scheduler side ------------------------------------------------------------------------
 
     def claim_due(self, limit: int, now: float) -> list[Claim]:
+        """Due items, earliest deadline first and round-robin between accounts.
+
+        Deadlines within one DEADLINE_BUCKET_S count as equal, so a 50,000-item batch does not
+        hold back a 10-item batch submitted a moment later on the same tier.
+        """
         if limit <= 0:
             return []
-        rows = (Item.select(Item.batch, Item.idx, Item.input_position, Item.route_index,
-                            Item.attempts, Item.deadline_at)
-                .where(Item.status == ItemStatus.QUEUED.value, Item.next_attempt_at <= now)
-                .order_by(Item.status, Item.deadline_at, Item.batch, Item.idx)
-                .limit(limit).tuples())
-        claims = [Claim(b, i, pos, route, json.loads(attempts), deadline)
-                  for b, i, pos, route, attempts, deadline in rows]
+        due = (Item.status == ItemStatus.QUEUED.value) & (Item.next_attempt_at <= now)
+        first = Item.select(peewee.fn.MIN(Item.deadline_at)).where(due).scalar()
+        if first is None:
+            return []
+        horizon = first + DEADLINE_BUCKET_S
+        accounts = [a for (a,) in Item.select(Item.account_id).where(due, Item.deadline_at < horizon)
+                    .distinct().tuples()]
+        per_account = [self._due_rows(due & (Item.account_id == a) & (Item.deadline_at < horizon), limit)
+                       for a in accounts]
+        claims: list[Claim] = []
+        for turn in range(limit):
+            for rows in per_account:
+                if turn < len(rows) and len(claims) < limit:
+                    claims.append(rows[turn])
         if claims:
             grouped: dict[str, list[int]] = {}
             for claim in claims:
                 grouped.setdefault(claim.batch_id, []).append(claim.idx)
             self.committer.commit([encode({"type": "items.claimed", "items": grouped, "at": now})])
         return claims
+
+    @staticmethod
+    def _due_rows(condition: peewee.Expression, limit: int) -> list[Claim]:
+        rows = (Item.select(Item.batch, Item.idx, Item.input_position, Item.route_index,
+                            Item.attempts, Item.deadline_at)
+                .where(condition).order_by(Item.deadline_at, Item.batch, Item.idx).limit(limit).tuples())
+        return [Claim(b, i, pos, route, json.loads(attempts), deadline)
+                for b, i, pos, route, attempts, deadline in rows]
 
     def read_item(self, claim: Claim) -> dict:
         return json.loads(self.journal.read(claim.input_position))

@@ -184,6 +184,7 @@ class Item(BaseModel):
         indexes = (
             (("batch", "idx"), True),
             (("status", "deadline_at", "batch", "idx"), False),
+            (("status", "account_id", "deadline_at"), False),
         )
 
 
