@@ -133,7 +133,9 @@ class Dispatcher:
             result = provider.call(call)
         except ProviderError as exc:
             gate.release(None)
-            if exc.retryable and exc.status_code != 429:   # a rate limit is not a broken provider
+            if exc.status_code == 429:      # a rate limit is not a broken provider: slow down
+                gate.hold(exc.retry_after or 0.0)
+            elif exc.retryable:
                 gate.breaker.failure()
             raise
         except BaseException:
@@ -141,6 +143,7 @@ class Dispatcher:
             raise
         gate.release(self._now() - started)
         gate.breaker.success()
+        gate.hold(result.pause_s)
         return result
 
     def _paused(self, claim: Claim, routes: list[Route], route: Route) -> bool:

@@ -94,12 +94,23 @@ class ProviderGate:
         self.latency_s = (cfg.get("latency_ms", 0) / 1000 + 0.001) if simulated else DEFAULT_LATENCY_S
         self._lock = threading.Lock()
         self.in_flight = 0
+        self._now = now
+        self.hold_until = 0.0
+
+    def hold(self, seconds: float) -> None:
+        """The provider said its budget is spent (rate-limit headers, 429): no new calls for a while."""
+        if seconds > 0:
+            with self._lock:
+                self.hold_until = max(self.hold_until, self._now() + seconds)
 
     def acquire(self, tokens: int, still_wanted: Callable[[], None], poll_s: float = 0.25) -> None:
         """Blocks until a slot and the rate budgets allow a call; `still_wanted` may raise to give up."""
         while not self._slots.acquire(timeout=poll_s):
             still_wanted()
         try:
+            while (wait := self.hold_until - self._now()) > 0:
+                still_wanted()
+                time.sleep(min(wait, poll_s))
             for bucket, amount in ((self.rpm, 1), (self.tpm, tokens)):
                 while bucket is not None and (wait := bucket.try_take(amount)) > 0:
                     still_wanted()

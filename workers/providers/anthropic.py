@@ -45,15 +45,15 @@ class AnthropicProvider:
         payload = to_messages_request(call)
         if self._cfg.get("api_key_env") and not self._key:
             raise missing_key_error(self._cfg)
-        status, data = post_json(self._session, endpoint(self._cfg, "/messages"), payload,
-                                 self._timeout)
+        status, data, pause_s = post_json(self._session, endpoint(self._cfg, "/messages"), payload,
+                                          self._timeout)
         if not isinstance(data.get("content"), list):
             raise ProviderError("upstream answer has no 'content' list", code="bad_response",
                                 status_code=status, retryable=True)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         return ProviderResult(status, data, output_text_of(data),
                               token_count(usage.get("input_tokens")),
-                              token_count(usage.get("output_tokens")))
+                              token_count(usage.get("output_tokens")), pause_s)
 
     def close(self) -> None:
         self._session.close()

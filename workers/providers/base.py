@@ -4,10 +4,11 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import requests
@@ -59,6 +60,7 @@ class ProviderResult:
     output_text: str | None   # None for embeddings
     input_tokens: int | None  # None when the provider reported no usage
     output_tokens: int | None
+    pause_s: float = 0.0      # the provider says its rate budget is spent for this long
 
 
 class Provider(Protocol):
@@ -193,9 +195,45 @@ def endpoint(cfg: Mapping[str, Any], path: str) -> str:
     return str(cfg.get("base_url") or "").rstrip("/") + path
 
 
+# (remaining, reset) header pairs: OpenAI's reset is a duration ("6m0s"), Anthropic's a time.
+RATE_LIMIT_HEADERS = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    ("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset"),
+    ("anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset"),
+    ("anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-input-tokens-reset"),
+    ("anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-output-tokens-reset"),
+)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _reset_seconds(raw: str, now: float) -> float | None:
+    parts = _DURATION_PART.findall(raw)
+    if parts and "".join(n + u for n, u in parts) == raw.strip():
+        return sum(float(n) * _UNIT_S[u] for n, u in parts)
+    try:
+        moment = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, moment.timestamp() - now)
+
+
+def rate_limit_pause(headers: Mapping[str, str], now: float | None = None) -> float:
+    """How long to hold off new calls: the longest reset among budgets that are spent."""
+    now = time.time() if now is None else now
+    pause = 0.0
+    for remaining_name, reset_name in RATE_LIMIT_HEADERS:
+        remaining = _seconds(_header(headers, remaining_name))
+        reset = _header(headers, reset_name)
+        if remaining is not None and remaining <= 0 and reset:
+            pause = max(pause, _reset_seconds(reset, now) or 0.0)
+    return pause
+
+
 def post_json(session: requests.Session, url: str, payload: dict,
-              timeout: tuple[float, float]) -> tuple[int, dict]:
-    """POST JSON and return (status, JSON object); every failure becomes a ProviderError."""
+              timeout: tuple[float, float]) -> tuple[int, dict, float]:
+    """POST JSON -> (status, JSON object, rate-limit pause); every failure becomes a ProviderError."""
     try:
         resp = session.post(url, json=payload, timeout=timeout, allow_redirects=False)
     except requests.exceptions.RequestException as exc:
@@ -203,14 +241,14 @@ def post_json(session: requests.Session, url: str, payload: dict,
     if not 200 <= resp.status_code < 300:
         error = classify_status(resp.status_code, resp.content)
         if error.retryable:
-            error.retry_after = parse_retry_after(resp.headers)
+            error.retry_after = parse_retry_after(resp.headers) or rate_limit_pause(resp.headers) or None
         raise error
     data = _json_or_none(resp.content)
     if not isinstance(data, dict):
         raise ProviderError(f"upstream HTTP {resp.status_code} body is not a JSON object: "
                             f"{_error_message(None, resp.content)}",
                             code="bad_response", status_code=resp.status_code, retryable=True)
-    return resp.status_code, data
+    return resp.status_code, data, rate_limit_pause(resp.headers)
 
 
 def transport_error(exc: requests.exceptions.RequestException) -> ProviderError:

@@ -47,12 +47,12 @@ class OpenAIProvider:
                                 code="unsupported_operation")
         if self._cfg.get("api_key_env") and not self._key:
             raise missing_key_error(self._cfg)
-        status, data = post_json(self._session, endpoint(self._cfg, PATHS[call.operation]),
-                                 request_body(call), self._timeout)
+        status, data, pause_s = post_json(self._session, endpoint(self._cfg, PATHS[call.operation]),
+                                          request_body(call), self._timeout)
         check_answer(call.operation, status, data)
         input_tokens, output_tokens = usage_of(call.operation, data)
         return ProviderResult(status, data, output_text_of(call.operation, data),
-                              input_tokens, output_tokens)
+                              input_tokens, output_tokens, pause_s)
 
     def close(self) -> None:
         self._session.close()
