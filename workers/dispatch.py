@@ -133,9 +133,9 @@ class Dispatcher:
             result = provider.call(call)
         except ProviderError as exc:
             gate.release(None)
-            if exc.status_code == 429:      # a rate limit is not a broken provider: slow down
-                gate.hold(exc.retry_after or 0.0)
-            elif exc.retryable:
+            # A 429 is the provider pacing this request (Retry-After delays it), not a broken
+            # provider; a spent budget in its headers already holds the whole gate.
+            if exc.retryable and exc.status_code != 429:
                 gate.breaker.failure()
             raise
         except BaseException:

@@ -94,6 +94,7 @@ class ProviderGate:
         self.latency_s = (cfg.get("latency_ms", 0) / 1000 + 0.001) if simulated else DEFAULT_LATENCY_S
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.peak_in_flight = 0
         self._now = now
         self.hold_until = 0.0
 
@@ -121,6 +122,7 @@ class ProviderGate:
             raise
         with self._lock:
             self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def release(self, duration_s: float | None) -> None:
         with self._lock:
