@@ -80,7 +80,7 @@ class Register:
         check_fields(body, {"agent_name", "email", "password"}, {"agent_name", "email", "password"})
         name = string(body, "agent_name", max_len=64)
         email = normalize_email(body)
-        password = string(body, "password", min_len=10, max_len=1024)
+        password = string(body, "password", min_len=10, max_len=1024, printable=False)
         now = self.s.now()
         # Every attempt counts, so one address cannot probe or flood with failing ones either.
         accounts.add_event(self.s.db, "register", req.remote_addr or "", now)
@@ -163,7 +163,7 @@ class Login:
         body = read_json_object(req, 65536)
         check_fields(body, {"email", "password"}, {"email", "password"})
         email = string(body, "email", min_len=1, max_len=254).strip().lower()
-        password = string(body, "password", min_len=1, max_len=1024)
+        password = string(body, "password", min_len=1, max_len=1024, printable=False)
         subject = f"{email}|{req.remote_addr or ''}"
         _limit(self.s, "login_failure", subject,
                self.s.config["limits"]["login_failures_per_15_min"], QUARTER)

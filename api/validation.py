@@ -27,13 +27,17 @@ def check_fields(body: Mapping[str, Any], allowed: set[str], required: set[str] 
 
 
 def string(body: Mapping[str, Any], name: str, *, min_len: int = 1, max_len: int = 255,
-           where: str = "", default: str | None = None) -> str:
+           where: str = "", default: str | None = None, printable: bool = True) -> str:
     value = body.get(name, default)
     param = f"{where}{name}"
     if not isinstance(value, str):
         raise InvalidRequest(f"{param} must be a string", param=param, code="invalid_field")
     if not min_len <= len(value) <= max_len:
         raise InvalidRequest(f"{param} must be {min_len} to {max_len} characters", param=param,
+                             code="invalid_field")
+    if printable and not value.isprintable():
+        # Names and ids end up in CSV, logs and file names: no NUL or other control characters.
+        raise InvalidRequest(f"{param} must not contain control characters", param=param,
                              code="invalid_field")
     return value
 
@@ -99,7 +103,8 @@ def _item(item: dict, where: str) -> None:
     string(item, "model", max_len=128, where=where)
     options = item.get("model_options")
     if options is not None and (not isinstance(options, list) or len(options) > 16
-                                or not all(isinstance(m, str) and 0 < len(m) <= 128 for m in options)):
+                                or not all(isinstance(m, str) and 0 < len(m) <= 128 and m.isprintable()
+                                           for m in options)):
         raise InvalidRequest(f"{where}model_options must be a list of at most 16 model names",
                              param=f"{where}model_options", code="invalid_field")
     if item.get("max_output_tokens") is not None:
