@@ -4,7 +4,9 @@ from __future__ import annotations
 import falcon
 
 from api.http import send_json
+from api.validation import NO_CONTROL_PATTERN
 
+NAME = {"type": "string", "minLength": 1, "pattern": NO_CONTROL_PATTERN}
 MONEY = {"type": "string", "pattern": r"^\d+\.\d{6}$", "examples": ["0.001250"]}
 TIME = {"type": ["string", "null"], "format": "date-time"}
 ERROR_TYPES = ["invalid_request_error", "authentication_error", "permission_error", "not_found_error",
@@ -25,10 +27,10 @@ def _obj(properties: dict, required: list[str] | None = None, extra: bool = True
 
 
 ITEM = _obj({
-    "customer_item_id": {"type": "string", "minLength": 1, "maxLength": 128},
+    "customer_item_id": {**NAME, "maxLength": 128},
     "operation": {"enum": ["responses", "chat.completions", "embeddings"]},
-    "model": {"type": "string", "minLength": 1, "maxLength": 128},
-    "model_options": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+    "model": {**NAME, "maxLength": 128},
+    "model_options": {"type": "array", "items": {**NAME, "maxLength": 128}, "maxItems": 16},
     "input": {"type": "object", "description": "the provider request body without model"},
     "max_output_tokens": {"type": "integer", "minimum": 1},
 }, ["customer_item_id", "operation", "model", "input"], extra=False)
@@ -135,7 +137,7 @@ OPERATIONS = [
     ("/v1/usage.csv", "get", "Usage as CSV", "either", None, 200, None, [401, 422]),
 ]
 BODIES = {
-    "Register": _obj({"agent_name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "Register": _obj({"agent_name": {**NAME, "maxLength": 64},
                       "email": {"type": "string", "format": "email"},
                       "password": {"type": "string", "minLength": 10}},
                      ["agent_name", "email", "password"], extra=False),
@@ -144,7 +146,7 @@ BODIES = {
                   ["email", "password"], extra=False),
     "SpendLimit": _obj({"monthly_spend_limit_usd": {"type": ["string", "null"]}},
                        ["monthly_spend_limit_usd"], extra=False),
-    "KeyRequest": _obj({"label": {"type": "string", "minLength": 1, "maxLength": 64},
+    "KeyRequest": _obj({"label": {**NAME, "maxLength": 64},
                         "mode": {"enum": ["live", "test"]}}, ["label"], extra=False),
 }
 SECURITY = {None: [], "session": [{"session": []}], "key": [{"api_key": []}],

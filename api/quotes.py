@@ -33,11 +33,12 @@ def quote_json(quote: Quote, now: float) -> dict:
 
 def check_spend(services: Services, account, extra_micro: int) -> None:
     """402 when this spend, month-to-date spend and open batches' maximum pass the limit."""
-    limit = account.monthly_spend_limit_micro
-    if limit is None:
-        limit = services.default_spend_limit_micro
-    if limit is None:
+    # The account's own limit never lifts it above the operator default, even one lowered later.
+    limits = [x for x in (account.monthly_spend_limit_micro, services.default_spend_limit_micro)
+              if x is not None]
+    if not limits:
         return
+    limit = min(limits)
     spent = ledger.month_to_date_micro(account.id, services.now())
     reserved = ledger.open_reservation_micro(account.id)
     if extra_micro + spent + reserved > limit:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from datetime import UTC, date, datetime
 
 import falcon
@@ -17,12 +18,17 @@ GROUPS = ("day", "model", "batch", "api_key")
 CSV_HEADER = ("key", "items", "input_tokens", "output_tokens", "cost_usd")
 
 
+DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
 def _day(req: falcon.Request, name: str, default: date) -> date:
-    raw = req.get_param(name)
-    if raw is None:
+    if name not in req.params:
         return default
+    raw = req.params[name]
+    if not isinstance(raw, str) or not DAY.match(raw):
+        return _bad(name)
     try:
-        return date.fromisoformat(raw) if len(raw) == 10 else _bad(name)
+        return date.fromisoformat(raw)
     except ValueError:
         return _bad(name)
 
@@ -32,10 +38,10 @@ def _bad(name: str) -> date:
 
 
 def report(services: Services, req: falcon.Request) -> dict:
+    caller = services.auth.either(req)
     for name in req.params:
         if name not in ("start", "end", "group_by"):
             raise InvalidRequest(f"unknown query parameter {name!r}", param=name, code="unknown_parameter")
-    caller = services.auth.either(req)
     today = datetime.fromtimestamp(services.now(), tz=UTC).date()
     month_start = today.replace(day=1)
     next_month = (month_start.replace(year=month_start.year + 1, month=1) if month_start.month == 12
@@ -44,7 +50,7 @@ def report(services: Services, req: falcon.Request) -> dict:
     if end <= start:
         raise InvalidRequest("end must be after start (end is exclusive)", param="end",
                              code="invalid_date")
-    group_by = req.get_param("group_by") or "day"
+    group_by = req.params.get("group_by", "day")
     if group_by not in GROUPS:
         raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}", param="group_by",
                              code="invalid_field")

@@ -1,6 +1,7 @@
 """Strict body rules shared by the resources: unknown fields refused, each problem named."""
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,11 +36,19 @@ def string(body: Mapping[str, Any], name: str, *, min_len: int = 1, max_len: int
     if not min_len <= len(value) <= max_len:
         raise InvalidRequest(f"{param} must be {min_len} to {max_len} characters", param=param,
                              code="invalid_field")
-    if printable and not value.isprintable():
+    if printable and has_control_characters(value):
         # Names and ids end up in CSV, logs and file names: no NUL or other control characters.
         raise InvalidRequest(f"{param} must not contain control characters", param=param,
                              code="invalid_field")
     return value
+
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+NO_CONTROL_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"    # the same rule, as a JSON Schema pattern
+
+
+def has_control_characters(value: str) -> bool:
+    return CONTROL.search(value) is not None
 
 
 def choice(body: Mapping[str, Any], name: str, options: tuple[str, ...] | list[str],
@@ -103,8 +112,8 @@ def _item(item: dict, where: str) -> None:
     string(item, "model", max_len=128, where=where)
     options = item.get("model_options")
     if options is not None and (not isinstance(options, list) or len(options) > 16
-                                or not all(isinstance(m, str) and 0 < len(m) <= 128 and m.isprintable()
-                                           for m in options)):
+                                or not all(isinstance(m, str) and 0 < len(m) <= 128
+                                           and not has_control_characters(m) for m in options)):
         raise InvalidRequest(f"{where}model_options must be a list of at most 16 model names",
                              param=f"{where}model_options", code="invalid_field")
     if item.get("max_output_tokens") is not None:

@@ -68,6 +68,12 @@ def month_report(month: str) -> dict:
                        Item.completed_at >= start, Item.completed_at < end,
                        LedgerEntry.id.is_null()).tuples())
     problems += [f"succeeded live item {b}:{i} has no ledger entry" for b, i in unbilled]
+    # Every entry's amount is what the item's outcome recorded.
+    mismatched = (LedgerEntry.select(LedgerEntry.id, LedgerEntry.amount_micro, Item.cost_micro)
+                  .join(Item, on=(LedgerEntry.item_key == Item.batch.concat(":").concat(Item.idx)))
+                  .where(in_month, LedgerEntry.amount_micro != Item.cost_micro).tuples())
+    problems += [f"ledger entry {e} bills {format_usd(a)} USD but its item cost {format_usd(c)} USD"
+                 for e, a, c in mismatched]
     return {"month": month, "accounts": accounts, "total_cost_usd": format_usd(total),
             "problems": problems}
 
