@@ -96,10 +96,12 @@ class ProviderError(Exception):
     """A provider call failed. Never reaches the API: workers record it on the item."""
 
     def __init__(self, message: str, *, code: str = "provider_error", status_code: int | None = None,
-                 retryable: bool = False, retry_after: float | None = None) -> None:
+                 retryable: bool = False, retry_after: float | None = None,
+                 pause_s: float = 0.0) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.status_code = status_code
         self.retryable = retryable
         self.retry_after = retry_after
+        self.pause_s = pause_s          # the provider's rate budget is spent for this long

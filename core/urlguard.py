@@ -32,6 +32,13 @@ def literal_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
     return ipaddress.IPv4Address(packed)
 
 
+def is_metadata(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A cloud metadata address, also in its IPv4-mapped IPv6 form."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address in METADATA_ADDRESSES
+
+
 def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         embedded = address.ipv4_mapped or address.sixtofour or (
@@ -60,7 +67,7 @@ def check_url(url: str, allow_hosts: Iterable[str]) -> tuple[str, str, int]:
     allowed = {h.lower().strip("[]") for h in allow_hosts}
     address = literal_address(host)
     if address is not None:
-        if address in METADATA_ADDRESSES:
+        if is_metadata(address):
             raise UnsafeURL("cloud metadata addresses are never allowed")
         if not is_public(address) and str(address) not in allowed and host not in allowed:
             raise UnsafeURL(f"{address} is not a public address; the operator can allow it "

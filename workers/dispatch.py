@@ -69,6 +69,9 @@ class Dispatcher:
         self._now = now
         self._rng = rng or random.Random()
         self.gates = gates
+        # Test mode runs on the simulator: its calls must not spend or judge a live provider.
+        self.test_gate = ProviderGate({"name": "test-mode", "kind": "simulated",
+                                       "max_concurrency": 1024}, now=now)
         self._plans: dict[str, BatchPlan] = {}
         self._plans_lock = threading.Lock()
 
@@ -97,7 +100,7 @@ class Dispatcher:
                        message="no candidate route is left for this item", status=None)
             return
         route = routes[claim.route_index]
-        if self._paused(claim, routes, route):
+        if self._paused(plan, claim, routes, route):
             return
         started = self._now()
         try:
@@ -125,39 +128,48 @@ class Dispatcher:
         # The cap the quote priced is sent upstream, so no answer can cost more than quoted.
         call = ProviderCall(item["operation"], route.upstream_model, item["input"],
                             item["max_output_tokens"] or None)
-        gate = self.gates[route.provider]
-        gate.acquire(item["est_input_tokens"] + item["max_output_tokens"],
-                     lambda: self._check_still_wanted(claim))
+        gate = self._gate(plan, route.provider)
+        try:
+            gate.acquire(item["est_input_tokens"] + item["max_output_tokens"],
+                         lambda: self._check_still_wanted(claim))
+        except Abandoned:
+            gate.breaker.settle()
+            raise
         started = self._now()
         try:
             result = provider.call(call)
         except ProviderError as exc:
             gate.release(None)
-            # A 429 is the provider pacing this request (Retry-After delays it), not a broken
-            # provider; a spent budget in its headers already holds the whole gate.
+            gate.hold(exc.pause_s)
             if exc.retryable and exc.status_code != 429:
-                gate.breaker.failure()
+                gate.breaker.failure()     # down, erroring or timing out
+            else:
+                gate.breaker.success()     # it answered (a 4xx or a 429 is an answer): it is up
             raise
         except BaseException:
             gate.release(None)
+            gate.breaker.settle()
             raise
         gate.release(self._now() - started)
         gate.breaker.success()
         gate.hold(result.pause_s)
         return result
 
-    def _paused(self, claim: Claim, routes: list[Route], route: Route) -> bool:
+    def _gate(self, plan: BatchPlan, provider: str) -> ProviderGate:
+        return self.gates[provider] if plan.mode == Mode.LIVE.value else self.test_gate
+
+    def _paused(self, plan: BatchPlan, claim: Claim, routes: list[Route], route: Route) -> bool:
         """A provider whose breaker is open: its work flows to the next candidate, or waits."""
-        if self.gates[route.provider].breaker.allow():
+        if self._gate(plan, route.provider).breaker.allow():
             return False
         now = self._now()
         for index in range(claim.route_index + 1, len(routes)):
-            if self.gates[routes[index].provider].breaker.state == "closed":
+            if self._gate(plan, routes[index].provider).breaker.state == "closed":
                 self._queue.retry(claim, next_attempt_at=now, route_index=index,
                                   attempts=claim.attempts, at=now)
                 return True
         # Every later candidate is paused too: wait for this one to be probed again.
-        reopen = max(self.gates[route.provider].breaker.reopens_at, now + SLOT_POLL_S)
+        reopen = max(self._gate(plan, route.provider).breaker.reopens_at, now + SLOT_POLL_S)
         self._queue.retry(claim, next_attempt_at=reopen, route_index=claim.route_index,
                           attempts=claim.attempts, at=now)
         return True

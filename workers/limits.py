@@ -1,9 +1,10 @@
-"""Per-provider limits shared by every batch: concurrency, rpm/tpm token buckets, a circuit
+"""Per-provider limits shared by every batch: concurrency, rpm/tpm sliding windows, a circuit
 breaker, and the measured latency that routing uses to predict throughput."""
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -11,28 +12,37 @@ DEFAULT_LATENCY_S = 1.0       # assumed until a provider has answered
 EWMA_WEIGHT = 0.2
 
 
-class TokenBucket:
-    """`rate_per_min` tokens a minute, bursting to one minute's worth."""
+class RateWindow:
+    """At most `limit` units (requests or tokens) in any 60-second window: a sliding log, so
+    the limit holds for every window, not only on average."""
 
-    def __init__(self, rate_per_min: int, now: Callable[[], float]) -> None:
-        self.capacity = float(rate_per_min)
-        self._rate_per_s = rate_per_min / 60.0
-        self._tokens = self.capacity
+    WINDOW_S = 60.0
+
+    def __init__(self, limit: int, now: Callable[[], float]) -> None:
+        self.capacity = float(limit)
         self._now = now
-        self._stamp = now()
+        self._log: deque[tuple[float, float]] = deque()
+        self._used = 0.0
         self._lock = threading.Lock()
 
     def try_take(self, amount: float) -> float:
-        """Takes `amount` and returns 0, or returns how long to wait before enough is there."""
-        amount = min(amount, self.capacity)      # an item larger than a minute's budget waits for a full one
+        """Takes `amount` and returns 0, or returns how long to wait before it would fit."""
+        amount = min(amount, self.capacity)     # one oversized request waits for an empty window
         with self._lock:
             now = self._now()
-            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self._rate_per_s)
-            self._stamp = now
-            if self._tokens >= amount:
-                self._tokens -= amount
+            while self._log and self._log[0][0] <= now - self.WINDOW_S:
+                self._used -= self._log.popleft()[1]
+            if self._used + amount <= self.capacity:
+                self._log.append((now, amount))
+                self._used += amount
                 return 0.0
-            return (amount - self._tokens) / self._rate_per_s
+            # Wait until enough of the oldest entries have left the window.
+            freed, needed = 0.0, self._used + amount - self.capacity
+            for stamp, used in self._log:
+                freed += used
+                if freed >= needed:
+                    return max(stamp + self.WINDOW_S - now, 1e-3)
+            return self.WINDOW_S
 
 
 class Breaker:
@@ -71,6 +81,12 @@ class Breaker:
             self._failures = 0
             self._probing = False
 
+    def settle(self) -> None:
+        """A call that tells nothing about the provider's health (given up before it was made)
+        still ends a half-open probe, so the next call may probe again."""
+        with self._lock:
+            self._probing = False
+
     def failure(self) -> None:
         with self._lock:
             self._failures += 1
@@ -87,8 +103,8 @@ class ProviderGate:
         self.name = cfg["name"]
         self.max_concurrency = cfg["max_concurrency"]
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
-        self.rpm = TokenBucket(cfg["rpm"], now) if cfg.get("rpm") else None
-        self.tpm = TokenBucket(cfg["tpm"], now) if cfg.get("tpm") else None
+        self.rpm = RateWindow(cfg["rpm"], now) if cfg.get("rpm") else None
+        self.tpm = RateWindow(cfg["tpm"], now) if cfg.get("tpm") else None
         self.breaker = Breaker(breaker_threshold, breaker_cooldown_s, now)
         simulated = cfg.get("kind") == "simulated"
         self.latency_s = (cfg.get("latency_ms", 0) / 1000 + 0.001) if simulated else DEFAULT_LATENCY_S

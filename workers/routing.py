@@ -5,10 +5,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from core.config import OPERATIONS
 from core.money import parse_decimal, price_to_nano
 from core.pricing import estimate_input_tokens, estimated_cost_micro, max_cost_micro, output_cap
 
 PRIVACY_TIERS = ("standard", "zero_retention", "local")
+# Operations a provider kind can serve: the Messages API has no embeddings.
+KIND_OPERATIONS = {"anthropic": ("responses", "chat.completions")}
 ROUTING_MODES = ("sla_aware", "cost", "latency", "pinned")
 
 
@@ -63,6 +66,7 @@ def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_reg
     """Per catalogue model: the routes that pass the hard filters, or why none does."""
     providers = {p["name"]: p for p in config["providers"]}
     factor = parse_decimal(multiplier)
+    kinds = {p["name"]: p["kind"] for p in config["providers"]}
     routes: dict[str, list[Route]] = {}
     refusals: dict[str, str] = {}
     for model in config["models"]:
@@ -77,7 +81,9 @@ def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_reg
                 model=model["name"], provider=raw["provider"], upstream_model=raw["upstream_model"],
                 input_per_mtok_nano=price_to_nano(parse_decimal(raw["input_per_mtok"]) * factor),
                 output_per_mtok_nano=price_to_nano(parse_decimal(raw["output_per_mtok"]) * factor),
-                operations=tuple(model["operations"]), context_window=raw["context_window"]))
+                operations=tuple(op for op in model["operations"]
+                                 if op in KIND_OPERATIONS.get(kinds[raw["provider"]], OPERATIONS)),
+                context_window=raw["context_window"]))
         routes[model["name"]] = kept
         if not kept and reasons:
             refusals[model["name"]] = reasons[0]
@@ -95,7 +101,9 @@ class Forecast:
     window_s: float
 
     def finish_s(self, route: Route) -> float:
-        return (self.backlog + self.items) / max(self.capacity_per_s.get(route.provider, 1.0), 1e-9)
+        """Time for the queue ahead and these items to drain, plus one call's own latency."""
+        drain = (self.backlog + self.items) / max(self.capacity_per_s.get(route.provider, 1.0), 1e-9)
+        return drain + self.latency_s.get(route.provider, 0.0)
 
     def feasible(self, route: Route) -> bool:
         return self.finish_s(route) <= self.window_s

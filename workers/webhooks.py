@@ -22,7 +22,7 @@ import urllib3
 
 from core.clock import rfc3339
 from core.security import Sealer
-from core.urlguard import METADATA_ADDRESSES, UnsafeURL, check_url, is_public, literal_address
+from core.urlguard import UnsafeURL, check_url, is_metadata, is_public, literal_address
 from core.webhook_signing import sign
 from store import webhooks as delivery_store
 from store.models import DeliveryStatus, WebhookDelivery
@@ -55,7 +55,7 @@ def checked_address(url: str, allow_hosts: Sequence[str], resolver: Resolver) ->
     if not addresses:
         raise DeliveryRefused(f"{host} has no address")
     for address in addresses:
-        if address in METADATA_ADDRESSES:
+        if is_metadata(address):
             raise DeliveryRefused(f"{host} resolves to a cloud metadata address ({address})")
         if not is_public(address) and host not in allowed and str(address) not in allowed:
             raise DeliveryRefused(f"{host} resolves to {address}, which is not a public address "
@@ -66,10 +66,12 @@ def checked_address(url: str, allow_hosts: Sequence[str], resolver: Resolver) ->
 def post(url: str, body: bytes, headers: dict[str, str], *, allow_hosts: Sequence[str],
          timeout_s: float, resolver: Resolver = socket.getaddrinfo) -> tuple[int, dict[str, str]]:
     """One POST to the checked address; no redirects, no proxies, 64 KiB of answer read at most."""
+    deadline = time.monotonic() + timeout_s
     scheme, host, port, address = checked_address(url, allow_hosts, resolver)
+    host = ascii_host(host)
     parts = urlsplit(url)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    timeout = urllib3.Timeout(total=timeout_s, connect=min(CONNECT_TIMEOUT_S, timeout_s))
+    timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, timeout_s), read=timeout_s)
     if scheme == "https":
         # Connect to the checked address; SNI and the certificate still name the host.
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
@@ -83,12 +85,33 @@ def post(url: str, body: bytes, headers: dict[str, str], *, allow_hosts: Sequenc
         response = pool.urlopen("POST", path, body=body, headers={**headers, "Host": host_header},
                                 redirect=False, preload_content=False, retries=False)
         try:
-            response.read(MAX_RESPONSE_BYTES)
+            _read_within(response, deadline, timeout_s)
         finally:
             response.release_conn()
         return response.status, dict(response.headers)
     finally:
         pool.close()
+
+
+def ascii_host(host: str) -> str:
+    """The host as it goes on the wire (Host header, SNI): IDNA for international names."""
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise DeliveryRefused(f"{host!r} is not a valid host name") from None
+
+
+def _read_within(response: urllib3.BaseHTTPResponse, deadline: float, timeout_s: float) -> None:
+    """Reads at most 64 KiB of the answer, and not past the attempt's deadline: a receiver that
+    drips its body must not hold a sender thread for longer than one attempt may take."""
+    read = 0
+    while read < MAX_RESPONSE_BYTES:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the receiver did not answer within {timeout_s:g} s")
+        chunk = response.read1(min(4096, MAX_RESPONSE_BYTES - read))   # what has arrived, no waiting for more
+        if not chunk:
+            return
+        read += len(chunk)
 
 
 class WebhookSender:
@@ -189,7 +212,7 @@ class WebhookSender:
                 retry_after = _retry_after(answer) if status_code in (429, 503) else None
         except DeliveryRefused as exc:
             error = f"refused: {exc}"
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:300]
         duration_ms = int((self._now() - started) * 1000)
         status, next_at = self._plan(number, status_code, retry_after)

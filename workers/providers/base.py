@@ -240,8 +240,9 @@ def post_json(session: requests.Session, url: str, payload: dict,
         raise transport_error(exc) from exc
     if not 200 <= resp.status_code < 300:
         error = classify_status(resp.status_code, resp.content)
+        error.pause_s = rate_limit_pause(resp.headers)
         if error.retryable:
-            error.retry_after = parse_retry_after(resp.headers) or rate_limit_pause(resp.headers) or None
+            error.retry_after = parse_retry_after(resp.headers) or error.pause_s or None
         raise error
     data = _json_or_none(resp.content)
     if not isinstance(data, dict):
