@@ -18,6 +18,8 @@ from email.utils import format_datetime, make_msgid, parseaddr
 from pathlib import Path
 from typing import Protocol
 
+from core.durable import fsync_dir
+
 DEFAULT_SENDER = "BatchRouter <noreply@localhost>"
 _URL_RE = re.compile(r"https?://[^\s<>\"']+")
 # Sentence punctuation that commonly follows a link in prose but is not part of it.
@@ -62,14 +64,6 @@ def find_urls(text: str) -> list[str]:
     return [m.group(0).rstrip(_URL_TRAILING) for m in _URL_RE.finditer(text)]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(target: Path, data: bytes) -> None:
     # A dot-prefixed .tmp name so readers globbing *.eml never see a half-written file.
     tmp = target.with_name(f".{target.name}.tmp")
@@ -82,7 +76,7 @@ def _write_atomic(target: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 class OutboxMailer:

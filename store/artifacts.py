@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from core.durable import fsync_dir
 from core.security import TokenExpired, TokenInvalid, TokenSigner
 
 ARTIFACT_NAMES = ("results.jsonl", "errors.jsonl")
@@ -50,14 +51,6 @@ def check_artifact(batch_id: str, name: str) -> None:
     check_batch_id(batch_id)
     if name not in ARTIFACT_NAMES:
         raise ValueError(f"invalid artifact name {name!r}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_lines(tmp: Path, lines: Iterable[bytes]) -> int:
@@ -107,14 +100,14 @@ class ArtifactStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         return written
 
     def _ensure_dir(self, batch_dir: Path) -> None:
         if batch_dir.is_dir():
             return
         batch_dir.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(batch_dir.parent)  # so the new directory entry survives a crash
+        fsync_dir(batch_dir.parent)  # so the new directory entry survives a crash
 
     def sign_url(self, batch_id: str, name: str) -> str:
         check_artifact(batch_id, name)

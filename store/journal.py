@@ -47,6 +47,8 @@ import threading
 import zlib
 from collections.abc import Iterator
 
+from core.durable import fsync_dir
+
 Position = int
 
 _OFFSET_BITS = 40
@@ -107,14 +109,6 @@ class _Segment:
 
 def _segment_name(number: int) -> str:
     return f"seg-{number:012d}.log"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reset(path: str, size: int, header: bytes = b"") -> None:
@@ -222,7 +216,7 @@ class Journal:
         f.write(_HEADER.pack(_MAGIC, number))
         f.flush()
         os.fsync(f.fileno())
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         segment = _Segment(number, path, HEADER_SIZE)
         with self._lock:
             self._segments[number] = segment
@@ -324,7 +318,7 @@ class Journal:
         for s in doomed:  # oldest first, so a crash here still leaves a contiguous run
             os.unlink(s.path)
         if doomed:
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
         return len(doomed)
 
     def _retire(self, segment: _Segment) -> None:
