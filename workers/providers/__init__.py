@@ -4,12 +4,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from core.config import PROVIDER_KINDS
 from workers.providers.anthropic import AnthropicProvider
 from workers.providers.base import Provider, ProviderCall, ProviderResult
 from workers.providers.openai import OpenAIProvider
 from workers.providers.simulated import SimulatedProvider
-
-PROVIDER_KINDS = ("openai", "anthropic", "simulated")
 
 __all__ = ["PROVIDER_KINDS", "Provider", "ProviderCall", "ProviderResult", "build_provider"]
 

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
+from core.config import OPERATIONS  # noqa: F401  (re-exported for the providers)
 from core.errors import ProviderError
 
-OPERATIONS = ("responses", "chat.completions", "embeddings")
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 501, 502, 503, 504, 529})
 # A 429 carrying one of these will not clear by waiting: someone has to pay or raise a limit.
 QUOTA_CODES = frozenset({"insufficient_quota", "billing_hard_limit_reached",
