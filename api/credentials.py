@@ -47,7 +47,7 @@ class Authenticator:
         if key is None or not hmac.compare_digest(key.key_hash, key_hash):
             raise AuthenticationError("the API key is not valid or has been revoked",
                                       code="invalid_api_key")
-        accounts.touch_api_key(self._db, key.id, self._now())
+        accounts.touch_api_key(self._db, key, self._now())
         return Caller(key.account, key)
 
     def session(self, req: falcon.Request) -> Caller:

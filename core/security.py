@@ -20,7 +20,13 @@ SCRYPT_R, SCRYPT_P = 8, 1
 
 
 def new_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(BASE62) for _ in range(length))
+    """A prefixed random id: one read of the OS random source, base62-encoded (~143 bits)."""
+    number = int.from_bytes(os.urandom(18), "big")
+    digits = []
+    for _ in range(length):
+        number, digit = divmod(number, 62)
+        digits.append(BASE62[digit])
+    return prefix + "".join(digits)
 
 
 # ---- passwords -------------------------------------------------------------------------

@@ -71,12 +71,12 @@ def find_api_key(key_hash: str) -> ApiKey | None:
             .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_null()).first())
 
 
-def touch_api_key(db: peewee.Database, key_id: str, now: float) -> None:
-    # Coarse (once a minute) so a busy key does not write on every request.
+def touch_api_key(db: peewee.Database, key: ApiKey, now: float) -> None:
+    """Coarse (once a minute): a read with a busy key must not queue for the write lock."""
+    if key.last_used_at is not None and key.last_used_at >= now - 60:
+        return
     with db.atomic():
-        ApiKey.update(last_used_at=now).where(
-            ApiKey.id == key_id,
-            (ApiKey.last_used_at.is_null()) | (ApiKey.last_used_at < now - 60)).execute()
+        ApiKey.update(last_used_at=now).where(ApiKey.id == key.id).execute()
 
 
 def list_api_keys(account_id: str, limit: int, after: str | None) -> tuple[list[ApiKey], bool]:

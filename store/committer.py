@@ -139,6 +139,11 @@ class Committer:
             if group is None:
                 break
             self._write_group(group)
+            # Let go of the records now: a 50,000-item submit must not stay in memory until
+            # the next commit arrives.
+            for command in group:
+                command.records = []
+            group = None
         # Drain what arrived after the stop request so no caller waits forever.
         while True:
             try:

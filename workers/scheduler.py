@@ -41,8 +41,9 @@ class Scheduler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._loop_thread: threading.Thread | None = None
+        self._keeper: threading.Thread | None = None
+        self._housekeeping_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
-        self._last_housekeeping = 0.0
         self._last_checkpoint = 0.0
 
     @property
@@ -62,13 +63,17 @@ class Scheduler:
             self._workers.append(thread)
         self._loop_thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._loop_thread.start()
+        # Its own thread: writing a 50,000-line artifact must not stall claiming.
+        self._keeper = threading.Thread(target=self._housekeeping_loop, name="housekeeping", daemon=True)
+        self._keeper.start()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop claiming; give calls in flight `grace_s` to finish, then abandon them."""
         self._stopping.set()
         self._wake.set()
-        if self._loop_thread:
-            self._loop_thread.join(timeout=5)
+        for thread in (self._loop_thread, self._keeper):
+            if thread:
+                thread.join(timeout=5)
         for _ in self._workers:
             self._work.put(None)
         deadline = time.monotonic() + grace_s
@@ -87,12 +92,16 @@ class Scheduler:
                 self._wake.wait(self._poll)
                 self._wake.clear()
 
+    def _housekeeping_loop(self) -> None:
+        while not self._stopping.wait(self._housekeeping_s):
+            try:
+                self.housekeeping(self._now())
+            except Exception:  # the next round tries again
+                log.exception("housekeeping failed")
+
     def run_once(self, now: float | None = None) -> int:
-        """One round: housekeeping when due, then claim what free threads can take."""
+        """One round: claim what free threads can take."""
         now = self._now() if now is None else now
-        if now - self._last_housekeeping >= self._housekeeping_s:
-            self._last_housekeeping = now
-            self.housekeeping(now)
         free = self._threads - self.in_flight
         claims = self._jobs.claim_due(min(free, CLAIM_CHUNK), now)
         with self._lock:
@@ -116,6 +125,10 @@ class Scheduler:
                 self._wake.set()
 
     def housekeeping(self, now: float) -> None:
+        with self._housekeeping_lock:      # one round at a time, whoever calls it
+            self._housekeep(now)
+
+    def _housekeep(self, now: float) -> None:
         self._jobs.expire_overdue(now)
         self.finalize_ready(now)
         self.remove_old_artifacts(now)
