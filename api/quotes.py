@@ -65,7 +65,7 @@ class Quotes:
         routes_by_model, refusals = eligible_routes(
             self.s.config, privacy_tier=request["privacy_tier"],
             allowed_regions=request["allowed_regions"], live=live,
-            multiplier=tier["price_multiplier"], environ=self.s.environ)
+            multiplier=tier["price_multiplier"], environ=self.s.environ, tier=request["sla_tier"])
         lines: dict[tuple[str, str], dict] = {}
         used_routes: dict[tuple[str, str], Route] = {}
         unroutable, late, estimated, maximum = [], [], 0, 0

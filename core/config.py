@@ -161,6 +161,7 @@ PROVIDER_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "tpm": (_nonneg_int, 0),
     "timeout_s": (_positive_int, 120),
     "proxy": (_str, ""),
+    "max_attempts": (_nonneg_int, 0),       # tries per route here; 0: [scheduler] attempts_per_route
     "latency_ms": (_nonneg_int, 0),
     "error_rate": (_float, 0.0),
     "seed": (_int, 0),
@@ -173,6 +174,10 @@ ROUTE_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "upstream_model": (_str, None),
     "input_per_mtok": (_decimal, None),
     "output_per_mtok": (_decimal, "0"),
+    # Optional cheaper prices for tiers other than priority (as providers price batch work);
+    # the tier's multiplier still applies on top.
+    "batch_input_per_mtok": (_decimal_or_empty, ""),
+    "batch_output_per_mtok": (_decimal_or_empty, ""),
     "context_window": (_positive_int, 1_000_000),
 }
 TIER_FIELDS: dict[str, tuple[Callable[[Any], Any], Any]] = {

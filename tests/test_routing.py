@@ -18,7 +18,7 @@ from falcon import testing
 
 from tests.fakes.anthropic_server import FakeAnthropicServer
 from tests.fakes.openai_server import FakeOpenAIServer
-from tests.harness import SEED_ENVELOPE, Api, signup, wait_for_end
+from tests.harness import SEED_ENVELOPE, Api, quote_and_submit, signup, wait_for_end
 
 KEY_ENV = "FAKE_UPSTREAM_KEY"
 ENVIRON = {KEY_ENV: "sk-fake"}
@@ -597,3 +597,30 @@ def test_a_route_slower_than_the_window_cannot_make_the_deadline(make_runtime, f
     status, error = svc.quote([item(1, "m")], sla_tier="fast")
     assert status == 422, error
     assert error["error"]["code"] == "deadline_unachievable"
+
+
+def test_batch_prices_apply_to_non_priority_tiers_and_max_attempts_per_provider(make_runtime) -> None:
+    with FakeOpenAIServer() as fake:
+        runtime = make_runtime(file_data={
+            "providers": [{"name": "p", "kind": "openai", "base_url": fake.url, "max_attempts": 2}],
+            "models": [{"name": "m", "operations": ["responses"], "routes": [{
+                "provider": "p", "upstream_model": "m", "input_per_mtok": "2.00", "output_per_mtok": "8.00",
+                "batch_input_per_mtok": "1.00", "batch_output_per_mtok": "4.00"}]}]},
+            scheduler={"backoff_base_s": 0.01, "attempts_per_route": 5})
+        api = Api(test_client=testing.TestClient(runtime.app))
+        who = signup(api, Path(runtime.config["server"]["data_dir"]) / "outbox")
+        item = {"customer_item_id": "a", "operation": "responses", "model": "m", "input": {"input": "hi"}}
+        lines = {}
+        for tier in ("priority", "standard"):
+            status, quote, _ = api.post("/v1/quotes/model", {"sla_tier": tier, "items": [item]},
+                                        token=who["key"])
+            assert status == 201, quote
+            lines[tier] = quote["lines"][0]
+        # priority: list price x1.0; standard: the batch price x0.5.
+        assert (lines["priority"]["input_per_mtok"], lines["priority"]["output_per_mtok"]) == ("2.000000",
+                                                                                              "8.000000")
+        assert (lines["standard"]["input_per_mtok"], lines["standard"]["output_per_mtok"]) == ("0.500000",
+                                                                                              "2.000000")
+        fake.script([("status", 500)] * 3)
+        done = wait_for_end(api, who["key"], quote_and_submit(api, who["key"], [item])["id"])
+        assert done["counts"]["failed"] == 1 and len(fake.requests) == 2     # the provider's own limit

@@ -201,7 +201,7 @@ class Dispatcher:
         if now >= claim.deadline_at:
             self._end_unrun(claim, item, attempts, ItemStatus.EXPIRED.value,
                             f"the batch's deadline passed; last error: {exc.message}")
-        elif exc.retryable and on_route < self._policy.attempts_per_route:
+        elif exc.retryable and on_route < self._attempts_for(route.provider):
             delay = self._policy.delay(on_route, exc.retry_after, self._rng)
             self._queue.retry(claim, next_attempt_at=now + delay, route_index=claim.route_index,
                               attempts=attempts, at=now)
@@ -211,6 +211,10 @@ class Dispatcher:
         else:
             self._fail(claim, item, attempts, code=exc.code, message=exc.message,
                        status=exc.status_code, route=route)
+
+    def _attempts_for(self, provider: str) -> int:
+        gate = self.gates.get(provider)
+        return (gate.max_attempts if gate else 0) or self._policy.attempts_per_route
 
     def _fail(self, claim: Claim, item: dict, attempts: list, *, code: str, message: str,
               status: int | None, route: Route | None = None) -> None:

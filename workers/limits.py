@@ -102,6 +102,7 @@ class ProviderGate:
                  breaker_threshold: int = 5, breaker_cooldown_s: float = 30.0) -> None:
         self.name = cfg["name"]
         self.max_concurrency = cfg["max_concurrency"]
+        self.max_attempts = cfg.get("max_attempts", 0)
         self._slots = threading.BoundedSemaphore(self.max_concurrency)
         self.rpm = RateWindow(cfg["rpm"], now) if cfg.get("rpm") else None
         self.tpm = RateWindow(cfg["tpm"], now) if cfg.get("tpm") else None

@@ -61,7 +61,7 @@ REASON_TEXT = {
 
 
 def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_regions: list[str],
-                    live: bool, multiplier: str, environ: Mapping[str, str],
+                    live: bool, multiplier: str, environ: Mapping[str, str], tier: str = "priority",
                     ) -> tuple[dict[str, list[Route]], dict[str, str]]:
     """Per catalogue model: the routes that pass the hard filters, or why none does."""
     providers = {p["name"]: p for p in config["providers"]}
@@ -79,8 +79,8 @@ def eligible_routes(config: Mapping[str, Any], *, privacy_tier: str, allowed_reg
                 continue
             kept.append(Route(
                 model=model["name"], provider=raw["provider"], upstream_model=raw["upstream_model"],
-                input_per_mtok_nano=price_to_nano(parse_decimal(raw["input_per_mtok"]) * factor),
-                output_per_mtok_nano=price_to_nano(parse_decimal(raw["output_per_mtok"]) * factor),
+                input_per_mtok_nano=price_to_nano(parse_decimal(_price(raw, "input", tier)) * factor),
+                output_per_mtok_nano=price_to_nano(parse_decimal(_price(raw, "output", tier)) * factor),
                 operations=tuple(op for op in model["operations"]
                                  if op in KIND_OPERATIONS.get(kinds[raw["provider"]], OPERATIONS)),
                 context_window=raw["context_window"]))
@@ -107,6 +107,12 @@ class Forecast:
 
     def feasible(self, route: Route) -> bool:
         return self.finish_s(route) <= self.window_s
+
+
+def _price(route: Mapping[str, Any], side: str, tier: str) -> str:
+    """The route's batch price for tiers other than priority, when it has one."""
+    batch = route.get(f"batch_{side}_per_mtok") or ""
+    return batch if batch and tier != "priority" else route[f"{side}_per_mtok"]
 
 
 def candidates(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
