@@ -8,11 +8,13 @@ makes replay exact.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -36,6 +38,26 @@ class _Command:
     future: Future = field(default_factory=Future)
 
 
+LARGE_GROUP = 5000
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):       # not glibc: nothing to do
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """After a large submit, hand the freed heap back to the OS: glibc keeps it otherwise, and
+    the server's RSS would stay at its peak (measured: 527 MB -> 214 MB after a 50,000-item batch)."""
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 class CommitterStopped(RuntimeError):
     """The committer is not running; nothing was written."""
 
@@ -48,6 +70,7 @@ class Committer:
         self._max_group = max_group_records
         self._thread: threading.Thread | None = None
         self._running = False
+        self._trim_due = False
 
     # ---- recovery ------------------------------------------------------------------------
 
@@ -105,6 +128,14 @@ class Committer:
         self._thread.join(timeout=30)
         self._thread = None
 
+    def release_memory_if_due(self) -> bool:
+        """Called a moment after a large group, when the request that sent it has let go too."""
+        if not self._trim_due:
+            return False
+        self._trim_due = False
+        return_freed_memory()
+        return True
+
     def submit(self, records: Iterable[Encoded]) -> Future:
         if not self._running:
             raise CommitterStopped("the service is shutting down")
@@ -141,6 +172,8 @@ class Committer:
             self._write_group(group)
             # Let go of the records now: a 50,000-item submit must not stay in memory until
             # the next commit arrives.
+            if sum(len(c.records) for c in group) >= LARGE_GROUP:
+                self._trim_due = True
             for command in group:
                 command.records = []
             group = None

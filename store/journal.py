@@ -60,6 +60,7 @@ _FRAME = struct.Struct(">II")
 HEADER_SIZE = _HEADER.size
 _MAX_PAYLOAD = (1 << 32) - 1
 _READ_CHUNK = 1 << 20
+_WRITE_CHUNK = 4 << 20
 _NAME = re.compile(r"seg-(\d{12})\.log")
 
 
@@ -270,6 +271,9 @@ class Journal:
                 chunk += _FRAME.pack(len(p), zlib.crc32(p))
                 chunk += p
                 size += framed
+                if len(chunk) >= _WRITE_CHUNK:   # bounded buffer: a 200 MiB group is not copied whole
+                    self._write(chunk)
+                    chunk = bytearray()
             self._write(chunk)
         except OSError as exc:
             self._failed = exc

@@ -129,6 +129,7 @@ class Scheduler:
             self._housekeep(now)
 
     def _housekeep(self, now: float) -> None:
+        self._jobs.committer.release_memory_if_due()
         self._jobs.expire_overdue(now)
         self.finalize_ready(now)
         self.remove_old_artifacts(now)
