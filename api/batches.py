@@ -199,8 +199,9 @@ class Batches:
         deadline = now + tier["window_s"]
         item_records, default_cap = [], self.s.config["quotes"]["default_max_output_tokens"]
         forecast = self.s.forecast(tier["window_s"], len(request["items"]), deadline)
+        memo: dict = {}
         for idx, item in enumerate(request["items"]):
-            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap, None, forecast)
+            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap, None, forecast, memo)
             item_records.append({
                 "batch_id": batch_id, "idx": idx,
                 "account_id": caller.account.id, "mode": caller.mode,

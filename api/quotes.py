@@ -72,9 +72,10 @@ class Quotes:
         default_cap = self.s.config["quotes"]["default_max_output_tokens"]
         now = self.s.now()
         forecast = self.s.forecast(tier["window_s"], len(request["items"]), now + tier["window_s"])
+        memo: dict = {}
         for item in request["items"]:
             plan, reason = plan_item(item, routes_by_model, request["routing_mode"], default_cap,
-                                     refusals, forecast)
+                                     refusals, forecast, memo)
             if plan is None:
                 unroutable.append(_unroutable(item, reason))
                 continue

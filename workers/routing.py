@@ -180,9 +180,24 @@ class ItemPlan:
 
 def plan_item(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]],
               routing_mode: str, default_cap: int, refusals: Mapping[str, str] | None = None,
-              forecast: Forecast | None = None) -> tuple[ItemPlan | None, str | None]:
+              forecast: Forecast | None = None,
+              memo: dict | None = None) -> tuple[ItemPlan | None, str | None]:
+    """`memo` (one dict per request) reuses the plan of items that route alike: the same
+    models, operation and token figures always get the same routes and costs."""
     est = estimate_input_tokens(item["input"])
     cap = output_cap(item, default_cap)
+    key = (item["model"], tuple(item.get("model_options") or ()), item["operation"], est, cap)
+    if memo is not None and key in memo:
+        return memo[key]
+    result = _plan(item, routes_by_model, routing_mode, est, cap, refusals, forecast)
+    if memo is not None:
+        memo[key] = result
+    return result
+
+
+def _plan(item: Mapping[str, Any], routes_by_model: Mapping[str, list[Route]], routing_mode: str,
+          est: int, cap: int, refusals: Mapping[str, str] | None,
+          forecast: Forecast | None) -> tuple[ItemPlan | None, str | None]:
     routes, reason = candidates(item, routes_by_model, routing_mode, est, cap, refusals, forecast)
     if not routes:
         return None, reason
