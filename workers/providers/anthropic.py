@@ -8,13 +8,12 @@ from core.errors import ProviderError
 from workers.providers.base import (
     ProviderCall,
     ProviderResult,
+    Transport,
     api_key,
     effective_cap,
     endpoint,
-    make_session,
     missing_key_error,
     post_json,
-    request_timeout,
     token_count,
 )
 
@@ -38,15 +37,13 @@ class AnthropicProvider:
                    "anthropic-version": API_VERSION}
         if self._key:
             headers["x-api-key"] = self._key
-        self._session = make_session(cfg, headers)
-        self._timeout = request_timeout(cfg)
+        self._transport = Transport(cfg, headers)
 
     def call(self, call: ProviderCall) -> ProviderResult:
         payload = to_messages_request(call)
         if self._cfg.get("api_key_env") and not self._key:
             raise missing_key_error(self._cfg)
-        status, data, pause_s = post_json(self._session, endpoint(self._cfg, "/messages"), payload,
-                                          self._timeout)
+        status, data, pause_s = post_json(self._transport, endpoint(self._cfg, "/messages"), payload)
         if not isinstance(data.get("content"), list):
             raise ProviderError("upstream answer has no 'content' list", code="bad_response",
                                 status_code=status, retryable=True)
@@ -56,7 +53,7 @@ class AnthropicProvider:
                               token_count(usage.get("output_tokens")), pause_s)
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
 
 def to_messages_request(call: ProviderCall) -> dict:

@@ -9,13 +9,12 @@ from workers.providers.base import (
     CAP_FIELDS,
     ProviderCall,
     ProviderResult,
+    Transport,
     api_key,
     effective_cap,
     endpoint,
-    make_session,
     missing_key_error,
     post_json,
-    request_timeout,
     token_count,
 )
 
@@ -38,8 +37,7 @@ class OpenAIProvider:
         headers = {"Accept": "application/json", "User-Agent": "BatchRouter"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
-        self._session = make_session(cfg, headers)
-        self._timeout = request_timeout(cfg)
+        self._transport = Transport(cfg, headers)
 
     def call(self, call: ProviderCall) -> ProviderResult:
         if call.operation not in PATHS:
@@ -47,15 +45,15 @@ class OpenAIProvider:
                                 code="unsupported_operation")
         if self._cfg.get("api_key_env") and not self._key:
             raise missing_key_error(self._cfg)
-        status, data, pause_s = post_json(self._session, endpoint(self._cfg, PATHS[call.operation]),
-                                          request_body(call), self._timeout)
+        status, data, pause_s = post_json(self._transport, endpoint(self._cfg, PATHS[call.operation]),
+                                          request_body(call))
         check_answer(call.operation, status, data)
         input_tokens, output_tokens = usage_of(call.operation, data)
         return ProviderResult(status, data, output_text_of(call.operation, data),
                               input_tokens, output_tokens, pause_s)
 
     def close(self) -> None:
-        self._session.close()
+        self._transport.close()
 
 
 def request_body(call: ProviderCall) -> dict:
