@@ -85,7 +85,10 @@ class Runtime:
         self.webhooks = WebhookSender(
             self.db, Sealer(keys), allow_hosts=hooks["allow_hosts"], schedule=hooks["retry_schedule_s"],
             timeout_s=hooks["timeout_s"], threads=hooks["max_concurrency"], now=now)
-        threads = min(sched["max_threads"], max(4, sum(g.max_concurrency for g in self.gates.values())))
+        # Headroom over the providers' slots: a thread still recording its outcome must not keep
+        # a free provider slot idle (Little's law counts the provider's time, not ours).
+        slots = sum(g.max_concurrency for g in self.gates.values())
+        threads = min(sched["max_threads"], max(4, slots + slots // 2))
         self.scheduler = Scheduler(self.jobs, self.dispatcher, self.artifacts, threads=threads,
                                    poll_interval_s=sched["poll_interval_s"], now=now,
                                    on_batch_end=self.webhooks.wake,
