@@ -18,23 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import baseline_s, make_items  # noqa: E402
 from tests.harness import SEED_ENVELOPE, ServerProcess, signup, wait_for_end, write_config  # noqa: E402
-
-
-def make_items(count: int, text_bytes: int = 900) -> list[dict]:
-    filler = ("lorem ipsum dolor sit amet " * (text_bytes // 27 + 1))[:text_bytes]
-    return [{"customer_item_id": f"item-{n:06d}", "operation": "responses", "model": "gpt-5.4-mini",
-             "input": {"input": [{"role": "user", "content": f"{n} {filler}"}]}} for n in range(count)]
-
-
-def baseline_s(body: bytes, directory: Path) -> float:
-    started = time.perf_counter()
-    json.loads(body)
-    with open(directory / "baseline.bin", "wb") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return time.perf_counter() - started
 
 
 def peak_rss_mb(pid: int) -> float:

@@ -22,12 +22,11 @@ DEFAULT_MAX_TOKENS = 1024
 TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text"})
 SYSTEM_ROLES = frozenset({"system", "developer"})
 TURN_ROLES = frozenset({"user", "assistant"})
-# Body keys holding the output cap, most specific first.
 PASSTHROUGH_KEYS = ("temperature", "top_p")
 
 
 class AnthropicProvider:
-    """POSTs translated requests to {base_url}/messages over one pooled session."""
+    """POSTs translated requests to {base_url}/messages over one pooled Transport."""
 
     def __init__(self, cfg: Mapping[str, Any], environ: Mapping[str, str]) -> None:
         self.name = str(cfg["name"])

@@ -20,7 +20,6 @@ from workers.providers.base import (
 
 PATHS = {"responses": "/responses", "chat.completions": "/chat/completions",
          "embeddings": "/embeddings"}
-# The first field is where the item cap goes; max_tokens is what vLLM/llama.cpp/Ollama all accept.
 # The key each operation's answer must carry; anything else is not a real answer.
 ANSWER_KEYS = {"responses": "output", "chat.completions": "choices", "embeddings": "data"}
 # A batch cannot consume a stream, and an event stream is not a JSON answer.
@@ -28,7 +27,7 @@ STREAM_KEYS = ("stream", "stream_options")
 
 
 class OpenAIProvider:
-    """One pooled session per provider; never uses environment proxies."""
+    """Any OpenAI-compatible server, over one pooled Transport; never uses environment proxies."""
 
     def __init__(self, cfg: Mapping[str, Any], environ: Mapping[str, str]) -> None:
         self.name = str(cfg["name"])
