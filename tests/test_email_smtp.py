@@ -7,35 +7,20 @@ from email import message_from_bytes, policy
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from falcon import testing
 
+from tests.fakes.smtp_server import Collector, EphemeralController
 from tests.harness import Api
 
 PASSWORD = "correct horse 1"
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.envelopes: list = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.envelopes.append(envelope)
-        return "250 OK"
-
-
-class _EphemeralController(Controller):
-    # aiosmtpd 1.4 probes `self.port` after binding; learn the port the OS picked first
-    # (aio-libs/aiosmtpd#388), as in tests/test_mailer.py.
-    def _trigger_server(self) -> None:
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 @pytest.fixture
 def smtp_server():
-    handler = _Collector()
-    controller = _EphemeralController(handler, hostname="127.0.0.1", port=0)
+    handler = Collector()
+    controller = EphemeralController(handler, hostname="127.0.0.1", port=0)
     controller.start()
     yield controller, handler
     controller.stop()

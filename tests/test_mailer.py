@@ -6,7 +6,6 @@ import smtplib
 import socket
 
 import pytest
-from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from core.mailer import (
@@ -18,6 +17,7 @@ from core.mailer import (
     find_urls,
     read_outbox,
 )
+from tests.fakes.smtp_server import Collector, EphemeralController
 
 LINK = "http://localhost:8080/v1/verify?token=abc.DEF-123_x"
 # The AUTH server runs without TLS on purpose: this is a loopback test fixture.
@@ -27,23 +27,6 @@ EMAIL = Email(to="ada@example.com", subject="Verify your email",
               text=f"Hello,\n\nclick {LINK}.\n")
 
 
-class _Collector:
-    """aiosmtpd handler that keeps every delivered envelope."""
-
-    def __init__(self) -> None:
-        self.envelopes: list = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:
-        self.envelopes.append(envelope)
-        return "250 OK"
-
-
-class _EphemeralController(Controller):
-    # aiosmtpd 1.4 probes `self.port` after binding, so port=0 fails unless we first
-    # learn the port the OS picked (aio-libs/aiosmtpd#388).
-    def _trigger_server(self) -> None:
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
 
 
 def _authenticator(server, session, envelope, mechanism, auth_data) -> AuthResult:
@@ -55,8 +38,8 @@ def _authenticator(server, session, envelope, mechanism, auth_data) -> AuthResul
 
 @pytest.fixture
 def smtp_server():
-    handler = _Collector()
-    controller = _EphemeralController(handler, hostname="127.0.0.1", port=0)
+    handler = Collector()
+    controller = EphemeralController(handler, hostname="127.0.0.1", port=0)
     controller.start()
     yield controller, handler
     controller.stop()
@@ -64,8 +47,8 @@ def smtp_server():
 
 @pytest.fixture
 def auth_smtp_server():
-    handler = _Collector()
-    controller = _EphemeralController(
+    handler = Collector()
+    controller = EphemeralController(
         handler, hostname="127.0.0.1", port=0, authenticator=_authenticator,
         auth_required=True, auth_require_tls=False)
     controller.start()
