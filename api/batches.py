@@ -293,7 +293,7 @@ class BatchCancel:
         if batch.status not in FINAL and batch.cancelled_at is None:
             self.s.jobs.request_cancel(batch.id, self.s.now())
             self.s.wake_scheduler()
-            batch = Batch.get_by_id(batch.id)
+            batch = batch_store.get_batch(batch.id, batch.account_id, batch.mode)
         send_json(resp, 200, batch_json(self.s, batch))
 
 
