@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ import requests
 
 REPO = Path(__file__).resolve().parent.parent
 FAST_AUTH = {"scrypt_n": 1024}
+ERROR_FIELDS = {"type", "code", "message", "param", "request_id"}
+ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+               "conflict_error", "rate_limit_error", "idempotency_error", "billing_error", "api_error"}
 SEED_ENVELOPE = {"sla_tier": "standard", "routing_mode": "sla_aware", "privacy_tier": "standard",
                  "allowed_regions": ["global"]}
 
@@ -24,6 +28,38 @@ def seed_item(n: int = 1, **extra: Any) -> dict:
             "model_options": ["gpt-5.4-mini", "gpt-5.4"],
             "input": {"input": [{"role": "user", "content": f"Summarize support queue {n}."}]},
             **extra}
+
+
+def free_port() -> int:
+    """A port nothing listens on (for connection-refused cases)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def header(headers: dict, name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def assert_error(result: tuple[int, dict, dict], status: int, type_: str, code: str | None = None,
+                 param: object = ...) -> dict:
+    """The SPEC's error shape, with this status, type, code and param, and the request id echoed."""
+    got_status, body, headers = result
+    assert got_status == status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) - {"details"} == ERROR_FIELDS, error
+    assert error["type"] == type_ and error["type"] in ERROR_TYPES, error
+    if code is not None:
+        assert error["code"] == code, error
+    if param is not ...:
+        assert error["param"] == param, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["request_id"] and error["request_id"] == header(headers, "X-Request-Id")
+    return error
 
 
 def toml_value(value: Any) -> str:

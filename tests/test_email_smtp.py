@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import socket
 from email import message_from_bytes, policy
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pytest
 from falcon import testing
 
 from tests.fakes.smtp_server import Collector, EphemeralController
-from tests.harness import Api
+from tests.harness import Api, free_port
 
 PASSWORD = "correct horse 1"
 
@@ -24,12 +23,6 @@ def smtp_server():
     controller.start()
     yield controller, handler
     controller.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _body(envelope) -> str:
@@ -80,7 +73,7 @@ def test_resend_goes_over_smtp_too(make_runtime, smtp_server) -> None:
 
 
 def test_smtp_outage_does_not_strand_the_registration(make_runtime) -> None:
-    runtime = make_runtime(email={"backend": "smtp", "host": "127.0.0.1", "port": _free_port()})
+    runtime = make_runtime(email={"backend": "smtp", "host": "127.0.0.1", "port": free_port()})
     api = Api(test_client=testing.TestClient(runtime.app))
     body = {"agent_name": "a", "email": "ada@example.com", "password": PASSWORD}
     status, first, _ = api.post("/v1/auth/agent-register", body)

@@ -9,38 +9,11 @@ import pytest
 from falcon import testing
 
 from core.clock import rfc3339
-from tests.harness import SEED_ENVELOPE, Api, latest_email_token, seed_item, signup
+from tests.harness import SEED_ENVELOPE, Api, assert_error, header, latest_email_token, seed_item, signup
 
 KEYS = "/v1/auth/account/api-keys"
 KEY_RE = re.compile(r"^ob_(live|test)_[0-9A-Za-z]{32,}$")
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
-ERROR_FIELDS = {"type", "code", "message", "param", "request_id"}
-ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error", "not_found_error",
-               "conflict_error", "rate_limit_error", "idempotency_error", "billing_error", "api_error"}
-
-
-def header(headers: dict, name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name.lower():
-            return value
-    return None
-
-
-def assert_error(result: tuple[int, dict, dict], status: int, type_: str, code: str | None = None,
-                 param: object = ...) -> dict:
-    got_status, body, headers = result
-    assert got_status == status, body
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) == ERROR_FIELDS, error
-    assert error["type"] == type_ and error["type"] in ERROR_TYPES, error
-    if code is not None:
-        assert error["code"] == code, error
-    if param is not ...:
-        assert error["param"] == param, error
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["request_id"] and error["request_id"] == header(headers, "X-Request-Id")
-    return error
 
 
 def quote(api: Api, key: str) -> tuple[int, dict, dict]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import smtplib
-import socket
 
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -18,6 +17,7 @@ from core.mailer import (
     read_outbox,
 )
 from tests.fakes.smtp_server import Collector, EphemeralController
+from tests.harness import free_port
 
 LINK = "http://localhost:8080/v1/verify?token=abc.DEF-123_x"
 # The AUTH server runs without TLS on purpose: this is a loopback test fixture.
@@ -54,12 +54,6 @@ def auth_smtp_server():
     controller.start()
     yield controller, handler
     controller.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- outbox -------------------------------------------------------------------------
@@ -137,7 +131,7 @@ def test_smtp_starttls_unsupported_raises_mail_error(smtp_server):
 
 
 def test_smtp_connection_refused_raises_mail_error():
-    mailer = SmtpMailer("127.0.0.1", _free_port(), sender="br@example.org", timeout_s=2)
+    mailer = SmtpMailer("127.0.0.1", free_port(), sender="br@example.org", timeout_s=2)
     with pytest.raises(MailError, match="127.0.0.1"):
         mailer.send(EMAIL)
 

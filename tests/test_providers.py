@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -13,6 +12,7 @@ import requests
 from core.errors import ProviderError
 from tests.fakes.anthropic_server import FakeAnthropicServer
 from tests.fakes.openai_server import FakeOpenAIServer
+from tests.harness import free_port
 from workers.providers import PROVIDER_KINDS, build_provider
 from workers.providers.anthropic import output_text_of, to_messages_request
 from workers.providers.base import (
@@ -66,12 +66,6 @@ def openai_server():
 def anthropic_server():
     with FakeAnthropicServer() as server:
         yield server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- contract -------------------------------------------------------------------------------------
