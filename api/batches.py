@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
@@ -19,10 +18,11 @@ from api.webhooks import last_delivery
 from core.clock import rfc3339
 from core.errors import Conflict, Gone, IdempotencyError, InvalidRequest
 from core.money import format_usd
-from core.pricing import canonical_json, items_digest
+from core.pricing import ItemsDigest, body_digest, canonical_json
 from core.security import new_id
 from core.urlguard import UnsafeURL, check_url
 from store import batches as batch_store
+from store.jobqueue import item_record
 from store.models import Batch, BatchStatus, ItemStatus, Mode, Quote
 from workers.routing import Route, plan_item
 
@@ -101,7 +101,7 @@ class Batches:
                                    code="invalid_idempotency_key", param="Idempotency-Key")
         scope = (caller.account.id, caller.mode, raw_key) if raw_key else None
         # Only an Idempotency-Key needs the body's digest; encoding 200 MiB is not free.
-        digest = hashlib.sha256(canonical_json(body)).hexdigest() if scope else ""
+        digest = body_digest(body) if scope else ""
         if scope and self._replay(resp, scope, digest):
             return
         if scope and not self.in_flight.enter_key(scope):
@@ -169,6 +169,7 @@ class Batches:
         return {"url": url, "secret": secret}
 
     def _check_quote(self, quote: Quote, request: dict, now: float) -> None:
+        """Everything but the items digest, which _item_records computes as it encodes them."""
         if now >= quote.expires_at:
             raise Conflict(f"quote {quote.id} expired at {rfc3339(quote.expires_at)}; request a new quote",
                            code="quote_expired", param="quote_id")
@@ -182,9 +183,6 @@ class Batches:
         if json.loads(quote.allowed_regions) != request["allowed_regions"]:
             raise Conflict("allowed_regions differ from the quote's", code="quote_mismatch",
                            param="allowed_regions")
-        if items_digest(request["items"]) != quote.items_digest:
-            raise Conflict("items differ from the quoted items (items_digest mismatch)",
-                           code="quote_mismatch", param="items")
 
     def _submit(self, req: falcon.Request, resp: falcon.Response, caller, request: dict,
                 raw_key: str | None, digest: str) -> None:
@@ -197,20 +195,13 @@ class Batches:
         batch_id = new_id("bat_")
         tier = self.s.config["sla_tiers"][request["sla_tier"]]
         deadline = now + tier["window_s"]
-        item_records, default_cap = [], self.s.config["quotes"]["default_max_output_tokens"]
-        forecast = self.s.forecast(tier["window_s"], len(request["items"]), deadline)
-        memo: dict = {}
-        for idx, item in enumerate(request["items"]):
-            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap, None, forecast, memo)
-            item_records.append({
-                "batch_id": batch_id, "idx": idx,
-                "account_id": caller.account.id, "mode": caller.mode,
-                "customer_item_id": item["customer_item_id"], "operation": item["operation"],
-                "model": item["model"], "model_options": item.get("model_options") or [],
-                "input": item["input"], "max_output_tokens": plan.output_cap if plan else 0,
-                "est_input_tokens": plan.est_input_tokens if plan else 0,
-                "max_cost_micro": plan.max_micro if plan else 0, "deadline_at": deadline,
-                "routes": [[r.model, r.provider] for r in plan.routes] if plan else []})
+        shared = {"batch_id": batch_id, "account_id": caller.account.id, "mode": caller.mode,
+                  "deadline_at": deadline}
+        item_records, items_hash = self._item_records(request, routes, shared, tier["window_s"],
+                                                      deadline)
+        if items_hash != quote.items_digest:
+            raise Conflict("items differ from the quoted items (items_digest mismatch)",
+                           code="quote_mismatch", param="items")
         webhook = request["webhook"]
         fields = {
             "id": batch_id, "account": caller.account.id, "api_key_id": caller.key.id,
@@ -242,6 +233,35 @@ class Batches:
         resp.status = 202
         resp.content_type = falcon.MEDIA_JSON
         resp.data = response
+
+    def _item_records(self, request: dict, routes: dict[str, list[Route]], shared: dict,
+                      window_s: float, deadline: float) -> tuple[list, str]:
+        """Each item's journal record and the items digest, from one encoding of each item.
+
+        The parsed items are let go one by one as they are encoded, so a large submit never
+        holds the parsed batch and its encoding at once (bench scenario 4b).
+        """
+        items = request["items"]
+        default_cap = self.s.config["quotes"]["default_max_output_tokens"]
+        forecast = self.s.forecast(window_s, len(items), deadline)
+        memo: dict = {}
+        route_pairs: dict[int, list] = {}       # one list per distinct plan, shared by its items
+        digest, records = ItemsDigest(), []
+        for idx in range(len(items)):
+            item, items[idx] = items[idx], None
+            item_json = canonical_json(item)
+            digest.add(item_json)
+            plan, _ = plan_item(item, routes, request["routing_mode"], default_cap, None, forecast, memo)
+            pairs = route_pairs.get(id(plan))
+            if pairs is None:
+                pairs = route_pairs[id(plan)] = [[r.model, r.provider] for r in plan.routes] if plan else []
+            records.append(item_record({
+                **shared, "idx": idx, "customer_item_id": item["customer_item_id"],
+                "operation": item["operation"], "model": item["model"],
+                "max_output_tokens": plan.output_cap if plan else 0,
+                "est_input_tokens": plan.est_input_tokens if plan else 0,
+                "max_cost_micro": plan.max_micro if plan else 0, "routes": pairs}, item_json))
+        return records, digest.hexdigest()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = self.s.auth.api_key(req)

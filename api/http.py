@@ -47,15 +47,19 @@ def _no_constants(name: str) -> Any:
     raise InvalidJSON(f"{name} is not valid JSON; send numbers as finite values")
 
 
-def parse_json(raw: bytes) -> Any:
-    """Strict JSON: UTF-8 only, no duplicate keys, no NaN/Infinity (nesting is bounded by the
-    parser's recursion limit, which raises RecursionError)."""
+def decode_utf8(raw: bytes) -> str:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidJSON(f"body is not valid UTF-8 (byte {exc.start})") from None
     if not text.strip():
         raise InvalidJSON("body is empty; send a JSON object")
+    return text
+
+
+def parse_json(text: str) -> Any:
+    """Strict JSON: no duplicate keys, no NaN/Infinity (nesting is bounded by the parser's
+    recursion limit, which raises RecursionError)."""
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
     except json.JSONDecodeError as exc:
@@ -75,7 +79,9 @@ def read_json_object(req: falcon.Request, max_bytes: int) -> dict:
     raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise PayloadTooLarge(f"body is larger than the limit of {max_bytes} bytes")
-    body = parse_json(raw)
+    text = decode_utf8(raw)
+    del raw                 # a 200 MiB body is not kept in both forms while it is parsed
+    body = parse_json(text)
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
     return body

@@ -103,7 +103,7 @@ def timed_run(bench: Bench, items: list[dict], *, timeout_s: float, key: str | N
 def latency_bound(tmp: Path, sizes: dict) -> Outcome:
     outcome = Outcome()
     cases = [("1a", sizes["latency_items"], 200, 64, 128, 0.97),
-             ("1b", sizes["latency_1s_items"], 1000, 512, 512, 0.9)]
+             ("1b", sizes["latency_1s_items"], 1000, 512, 768, 0.9)]
     for label, count, latency_ms, concurrency, max_threads, factor in cases:
         bench = start_bench(tmp / label, latency_ms=latency_ms, max_concurrency=concurrency,
                             max_threads=max_threads)

@@ -60,13 +60,46 @@ def canonical_json(value: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+class ItemsDigest:
+    """SHA-256 of canonical_json(items), fed one item's canonical JSON at a time: the submit
+    encodes each item once and uses the bytes for this digest and for the journal."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(b"[")
+        self._count = 0
+
+    def add(self, item_json: bytes) -> None:
+        if self._count:
+            self._hash.update(b",")
+        self._hash.update(item_json)
+        self._count += 1
+
+    def hexdigest(self) -> str:
+        final = self._hash.copy()
+        final.update(b"]")
+        return final.hexdigest()
+
+
 def items_digest(items: list[dict]) -> str:
-    """SHA-256 of canonical_json(items), fed item by item: the same digest without building
-    one string the size of the whole batch (200 MiB at the limit)."""
-    digest = hashlib.sha256(b"[")
-    for index, item in enumerate(items):
-        if index:
-            digest.update(b",")
-        digest.update(canonical_json(item))
-    digest.update(b"]")
+    """The quote's digest, without building one string the size of the batch (200 MiB at the limit)."""
+    digest = ItemsDigest()
+    for item in items:
+        digest.add(canonical_json(item))
+    return digest.hexdigest()
+
+
+def body_digest(body: dict) -> str:
+    """sha256(canonical_json(body)), list members fed one by one for the same reason."""
+    digest = hashlib.sha256(b"{")
+    for index, key in enumerate(sorted(body)):
+        digest.update((b"," if index else b"") + canonical_json(key) + b":")
+        value = body[key]
+        if isinstance(value, list):
+            digest.update(b"[")
+            for position, member in enumerate(value):
+                digest.update((b"," if position else b"") + canonical_json(member))
+            digest.update(b"]")
+        else:
+            digest.update(canonical_json(value))
+    digest.update(b"}")
     return digest.hexdigest()

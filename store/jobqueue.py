@@ -25,7 +25,7 @@ import peewee
 
 from core.clock import rfc3339
 from core.money import format_usd
-from store.committer import Committer, encode
+from store.committer import Committer, Encoded, encode
 from store.journal import Journal
 from store.models import Batch, BatchStatus, Item, ItemStatus
 
@@ -50,13 +50,14 @@ class JobQueue:
 
     # ---- API side ----------------------------------------------------------------------------
 
-    def submit_batch(self, batch: dict, items: list[dict], idempotency: dict | None) -> None:
-        """The batch, its items and its idempotent 202 in one group; durable when it returns.
+    def submit_batch(self, batch: dict, items: list[Encoded], idempotency: dict | None) -> None:
+        """The batch, its items (from item_record) and its idempotent 202 in one group;
+        durable when it returns.
 
         The closing batch.committed record lets replay tell a whole submit from a torn one.
         """
         records = [encode({"type": "batch.submitted", "batch": batch, "idempotency": idempotency})]
-        records.extend(encode({"type": "item.submitted", **item}) for item in items)
+        records.extend(items)
         records.append(encode({"type": "batch.committed", "batch_id": batch["id"]}))
         self.committer.commit(records)
 
@@ -107,6 +108,7 @@ class JobQueue:
                 for b, i, pos, route, attempts, deadline in rows]
 
     def read_item(self, claim: Claim) -> dict:
+        """The item.submitted record: the submit's decisions, and under "item" the client's item."""
         return json.loads(self.journal.read(claim.input_position))
 
     def complete(self, claim: Claim, *, status: str, result: dict, cost_micro: int,
@@ -194,6 +196,15 @@ class JobQueue:
         if row.result_position is not None:
             return json.loads(self.journal.read(row.result_position))["result"]
         return unfinished_line(row)
+
+
+def item_record(fields: dict, item_json: bytes) -> Encoded:
+    """An item.submitted record around the client's item as the submit already encoded it
+    (canonical JSON, the bytes of the quote's digest): a 10,000-item submit encodes each item
+    once instead of twice. The view needs only `fields`."""
+    record = {"type": "item.submitted", **fields}
+    head = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return record, head[:-1] + b',"item":' + item_json + b"}"
 
 
 def unfinished_line(row: Item) -> dict:

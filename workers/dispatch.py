@@ -126,7 +126,7 @@ class Dispatcher:
             raise ProviderError(f"provider {route.provider!r} is no longer configured",
                                 code="provider_unavailable")
         # The cap the quote priced is sent upstream, so no answer can cost more than quoted.
-        call = ProviderCall(item["operation"], route.upstream_model, item["input"],
+        call = ProviderCall(item["operation"], route.upstream_model, item["item"]["input"],
                             item["max_output_tokens"] or None)
         gate = self._gate(plan, route.provider)
         try:
