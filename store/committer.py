@@ -125,7 +125,7 @@ class Committer:
                       "records were lost after they were acknowledged", start, self._journal.end_position)
             start = self._journal.end_position
             with self._db.atomic():
-                self._store_position(start)
+                view.store_position(start)
         for position, next_position, payload in self._journal.iter_from(start):
             record = json.loads(payload)
             if record["type"] == "batch.submitted":
@@ -283,7 +283,7 @@ class Committer:
                 log.exception("record %s at %d could not be applied; skipped", record.get("type"), position)
                 failed[index] = exc
                 with self._db.atomic():
-                    self._store_position(following)
+                    view.store_position(following)
         return failed
 
     def _apply(self, pairs: list[tuple[dict, int]], end_position: int) -> None:
@@ -292,10 +292,4 @@ class Committer:
             for record, position in pairs:
                 view.apply(record, position, group)
             view.finish_group(group)
-            self._store_position(end_position)
-
-    @staticmethod
-    def _store_position(position: int) -> None:
-        JournalState.insert(id=1, applied_position=position).on_conflict(
-            conflict_target=[JournalState.id],
-            update={JournalState.applied_position: position}).execute()
+            view.store_position(end_position)
