@@ -35,9 +35,8 @@ def encode(record: dict) -> Encoded:
 class Ack:
     """The answer to one commit: positions, or the exception that stopped it.
 
-    A bare lock handed from the committer to the waiting thread, where a concurrent.futures
-    Future runs a Python-level Condition: with 64 workers waiting on every group, the Future's
-    wake-ups were a fifth of the dispatch CPU (bench scenario 2 profile).
+    A bare lock handed from the committer to the waiting thread: every worker waits on one per
+    outcome, and a concurrent.futures Future runs a Python-level Condition for each wait.
     """
 
     __slots__ = ("_done", "_value", "_error")
