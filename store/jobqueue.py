@@ -109,7 +109,11 @@ class JobQueue:
 
     def read_item(self, claim: Claim) -> dict:
         """The item.submitted record: the submit's decisions, and under "item" the client's item."""
-        return json.loads(self.journal.read(claim.input_position))
+        record = json.loads(self.journal.read(claim.input_position))
+        if "item" not in record:
+            # Written before the item was stored whole (its input sat at the top level).
+            record["item"] = {"input": record["input"]}
+        return record
 
     def complete(self, claim: Claim, *, status: str, result: dict, cost_micro: int,
                  ledger: dict | None, at: float) -> None:

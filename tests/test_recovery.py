@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 from falcon import testing
 
+from store.jobqueue import Claim
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.harness import (
     SEED_ENVELOPE,
@@ -148,3 +149,13 @@ def test_restart_replays_what_sqlite_missed(make_runtime, tmp_path: Path) -> Non
     assert again["cost"]["actual_usd"] == done["cost"]["actual_usd"]
     with sqlite3.connect(data / "batchrouter.db") as db:
         assert db.execute("SELECT COUNT(*) FROM ledgerentry").fetchone()[0] == 20
+
+
+def test_item_records_from_before_the_item_was_stored_whole_still_dispatch(make_runtime) -> None:
+    """A journal written by the earlier record layout ("input" at the top level) still reads."""
+    runtime = make_runtime(start=False)
+    old = {"type": "item.submitted", "batch_id": "bat_x", "idx": 0, "operation": "responses",
+           "input": {"input": "hello"}, "routes": []}
+    [position] = runtime.jobs.journal.append([json.dumps(old).encode()])
+    claim = Claim("bat_x", 0, position, 0, [], 0.0)
+    assert runtime.jobs.read_item(claim)["item"]["input"] == {"input": "hello"}
