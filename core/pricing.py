@@ -55,9 +55,14 @@ def estimated_cost_micro(est_input_tokens: int, out_cap: int, in_nano: int, out_
     return line_cost_micro(est_input_tokens, out_cap, in_nano, out_nano)
 
 
+# One encoder for every call: json.dumps with non-default options builds a new JSONEncoder
+# each time, a quarter of the cost of encoding a ~1 KB item.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                              allow_nan=False)
+
+
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _CANONICAL.encode(value).encode("utf-8")
 
 
 class ItemsDigest:

@@ -28,8 +28,16 @@ log = logging.getLogger("batchrouter.committer")
 Encoded = tuple[dict, bytes]
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)   # built once: see compact_json
+
+
+def compact_json(value: object) -> bytes:
+    """Records and result lines; one shared encoder, where json.dumps would build one a call."""
+    return _COMPACT.encode(value).encode("utf-8")
+
+
 def encode(record: dict) -> Encoded:
-    return record, json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return record, compact_json(record)
 
 
 class Ack:

@@ -25,7 +25,7 @@ import peewee
 
 from core.clock import rfc3339
 from core.money import format_usd
-from store.committer import Committer, Encoded, encode
+from store.committer import Committer, Encoded, compact_json, encode
 from store.journal import Journal
 from store.models import Batch, BatchStatus, Item, ItemStatus
 
@@ -207,7 +207,7 @@ def item_record(fields: dict, item_json: bytes) -> Encoded:
     (canonical JSON, the bytes of the quote's digest): a 10,000-item submit encodes each item
     once instead of twice. The view needs only `fields`."""
     record = {"type": "item.submitted", **fields}
-    head = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    head = compact_json(record)
     return record, head[:-1] + b',"item":' + item_json + b"}"
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from core.clock import rfc3339
 from core.security import new_id
 from store.artifacts import ArtifactStore
+from store.committer import compact_json
 from store.jobqueue import Claim, JobQueue, final_status
 from store.models import Batch
 from workers.dispatch import Dispatcher
@@ -193,4 +194,4 @@ class Scheduler:
 
 
 def encode_line(line: dict) -> bytes:
-    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode("utf-8") + b"\n"
+    return compact_json(line) + b"\n"
