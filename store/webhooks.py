@@ -17,10 +17,14 @@ def due(now: float, exclude: set[str], limit: int) -> list[WebhookDelivery]:
 
 
 def record_attempt(db: peewee.Database, delivery_id: str, attempt: dict, status: str,
-                   next_attempt_at: float | None) -> None:
+                   next_attempt_at: float | None, due_at_start: float | None) -> None:
+    """Appends the attempt and plans the next, unless a redeliver came while it ran: the row is
+    then no longer due when it was at the attempt's start, and the redelivery stands."""
     with db.atomic():
         row = WebhookDelivery.get_by_id(delivery_id)
         attempts = json.loads(row.attempts) + [attempt]
+        if row.next_attempt_at != due_at_start and row.status == DeliveryStatus.PENDING.value:
+            status, next_attempt_at = row.status, row.next_attempt_at
         WebhookDelivery.update(attempts=json.dumps(attempts), status=status,
                                next_attempt_at=next_attempt_at).where(
             WebhookDelivery.id == delivery_id).execute()

@@ -628,6 +628,23 @@ def test_an_idn_webhook_host_gets_an_attempt_recorded(make_runtime) -> None:
     assert raised is None and len(delivery["attempts"]) == 1, (raised, delivery)
 
 
+def test_a_redeliver_during_an_attempt_is_not_lost_when_that_attempt_ends(make_runtime) -> None:
+    """The attempt in flight records its outcome, but the redelivery asked meanwhile stands."""
+    _, api, who = setup(make_runtime)
+    key = who["key"]
+    with WebhookReceiver() as hook:
+        hook.script([Trickle(8, 0.25)])            # a 200 whose body takes two seconds
+        batch = submit_ok(api, key, [seed_item(1)], {"url": hook.url, "secret": new_secret()})
+        wait_for_end(api, key, batch["id"])
+        hook.wait_for(1)                           # the first attempt is reading its answer
+        status, answer, _ = api.post(f"/v1/batches/{batch['id']}/webhook-deliveries/redeliver", token=key)
+        assert status == 202, answer
+        delivery = wait_delivery(api, key, batch["id"], lambda d: len(d["attempts"]) == 2 and delivered(d))
+        requests_seen = hook.received()
+    assert [a["status_code"] for a in delivery["attempts"]] == [200, 200]
+    assert [r.headers["webhook-id"] for r in requests_seen] == [delivery["id"]] * 2
+
+
 # ---- 6. restarts ------------------------------------------------------------------------------
 
 def test_delivery_survives_sigkill_and_keeps_its_webhook_id(tmp_path: Path) -> None:

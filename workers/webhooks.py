@@ -218,7 +218,8 @@ class WebhookSender:
         status, next_at = self._plan(number, status_code, retry_after)
         attempt = {"n": number, "at": rfc3339(started), "duration_ms": duration_ms,
                    "status_code": status_code, "error": error}
-        delivery_store.record_attempt(self._db, delivery.id, attempt, status, next_at)
+        delivery_store.record_attempt(self._db, delivery.id, attempt, status, next_at,
+                                      delivery.next_attempt_at)
         if error:
             log.info("webhook %s attempt %d to %s: %s", delivery.id, number, delivery.url, error)
         return status
