@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import requests
+import urllib3
 from falcon import testing
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -514,7 +515,7 @@ def test_checked_address_resolves_once_and_checks_every_address() -> None:
         checked_address(url, ["other.test"], resolver("127.0.0.1", "::1"))
     calls: list[str] = []
     assert checked_address(url, ["hooks.test"], resolver("127.0.0.1", calls=calls)) == (
-        "http", "hooks.test", 8443, "127.0.0.1")
+        "http", "hooks.test", 8443, ["127.0.0.1"])
     assert calls == ["hooks.test"]
     # A cloud metadata address: refused even when the name and the address are allow-listed.
     with pytest.raises(DeliveryRefused, match="metadata"):
@@ -549,6 +550,16 @@ def test_post_connects_to_the_checked_address() -> None:
     # hooks.test exists only in the injected resolver: the connection went to what it answered.
     assert status == 200 and calls == ["hooks.test"]
     assert request.headers["host"] == f"hooks.test:{hook.port}" and request.body == b"{}"
+
+
+def test_post_tries_the_next_checked_address_when_one_refuses_the_connection() -> None:
+    with WebhookReceiver() as hook:       # listens on 127.0.0.1 only: 127.0.0.2 refuses
+        url = f"http://hooks.test:{hook.port}/hook"
+        status, _ = post(url, b"{}", {}, allow_hosts=["hooks.test"], timeout_s=5,
+                         resolver=resolver("127.0.0.2", "127.0.0.2", "127.0.0.1"))
+        assert status == 200 and len(hook.received()) == 1
+        with pytest.raises(urllib3.exceptions.ConnectTimeoutError):   # none accepts: the last error
+            post(url, b"{}", {}, allow_hosts=["hooks.test"], timeout_s=5, resolver=resolver("127.0.0.2"))
 
 
 def test_delivery_log_says_why_a_resolved_name_was_refused(make_runtime) -> None:

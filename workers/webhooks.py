@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import peewee
@@ -37,8 +38,9 @@ class DeliveryRefused(Exception):
     """The target may not be called (SSRF guard); not a transport failure."""
 
 
-def checked_address(url: str, allow_hosts: Sequence[str], resolver: Resolver) -> tuple[str, str, int, str]:
-    """(scheme, host, port, address to connect to): resolved once, every address checked."""
+def checked_address(url: str, allow_hosts: Sequence[str],
+                    resolver: Resolver) -> tuple[str, str, int, list[str]]:
+    """(scheme, host, port, addresses to connect to, in order): resolved once, every address checked."""
     try:
         scheme, host, port = check_url(url, allow_hosts)
     except UnsafeURL as exc:
@@ -46,7 +48,7 @@ def checked_address(url: str, allow_hosts: Sequence[str], resolver: Resolver) ->
     allowed = {h.lower().strip("[]") for h in allow_hosts}
     literal = literal_address(host)
     if literal is not None:
-        return scheme, host, port, str(literal)
+        return scheme, host, port, [str(literal)]
     try:
         infos = resolver(host, port, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as exc:
@@ -60,29 +62,52 @@ def checked_address(url: str, allow_hosts: Sequence[str], resolver: Resolver) ->
         if not is_public(address) and host not in allowed and str(address) not in allowed:
             raise DeliveryRefused(f"{host} resolves to {address}, which is not a public address "
                                   "(allow it with [webhooks] allow_hosts)")
-    return scheme, host, port, str(addresses[0])
+    return scheme, host, port, list(dict.fromkeys(str(a) for a in addresses))
 
 
 def post(url: str, body: bytes, headers: dict[str, str], *, allow_hosts: Sequence[str],
          timeout_s: float, resolver: Resolver = socket.getaddrinfo) -> tuple[int, dict[str, str]]:
-    """One POST to the checked address; no redirects, no proxies, 64 KiB of answer read at most."""
+    """One POST to the checked addresses in turn until one accepts the connection (a host with an
+    unreachable IPv6 address still gets its message over IPv4); no redirects, no proxies, 64 KiB
+    of answer read at most, all within timeout_s."""
     deadline = time.monotonic() + timeout_s
-    scheme, host, port, address = checked_address(url, allow_hosts, resolver)
+    scheme, host, port, addresses = checked_address(url, allow_hosts, resolver)
     host = ascii_host(host)
     parts = urlsplit(url)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, timeout_s), read=timeout_s)
-    if scheme == "https":
+    target = _Target(scheme, host, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    for index, address in enumerate(addresses):
+        try:
+            return _post_to(address, target, body, headers, deadline, timeout_s)
+        except urllib3.exceptions.ConnectTimeoutError:   # refused or unreachable, nothing sent
+            if index + 1 == len(addresses) or time.monotonic() >= deadline:
+                raise
+    raise AssertionError("checked_address returns at least one address")
+
+
+@dataclass(frozen=True)
+class _Target:
+    scheme: str
+    host: str                 # as it goes on the wire (IDNA)
+    port: int
+    path: str
+
+
+def _post_to(address: str, target: _Target, body: bytes, headers: dict[str, str], deadline: float,
+             timeout_s: float) -> tuple[int, dict[str, str]]:
+    remaining = max(0.001, deadline - time.monotonic())
+    timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, remaining), read=remaining)
+    if target.scheme == "https":
         # Connect to the checked address; SNI and the certificate still name the host.
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-            address, port, timeout=timeout, retries=False, server_hostname=host,
-            assert_hostname=host, cert_reqs="CERT_REQUIRED")
+            address, target.port, timeout=timeout, retries=False, server_hostname=target.host,
+            assert_hostname=target.host, cert_reqs="CERT_REQUIRED")
     else:
-        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
-    default_port = 443 if scheme == "https" else 80
-    host_header = host if port == default_port else f"{host}:{port}"
+        pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
+    default_port = 443 if target.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     try:
-        response = pool.urlopen("POST", path, body=body, headers={**headers, "Host": host_header},
+        response = pool.urlopen("POST", target.path, body=body,
+                                headers={**headers, "Host": host_header},
                                 redirect=False, preload_content=False, retries=False)
         try:
             _read_within(response, deadline, timeout_s)
