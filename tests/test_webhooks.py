@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 
 import pytest
 import requests
+import trustme
 import urllib3
 from falcon import testing
 from standardwebhooks import Webhook
@@ -560,6 +562,31 @@ def test_post_tries_the_next_checked_address_when_one_refuses_the_connection() -
         assert status == 200 and len(hook.received()) == 1
         with pytest.raises(urllib3.exceptions.ConnectTimeoutError):   # none accepts: the last error
             post(url, b"{}", {}, allow_hosts=["hooks.test"], timeout_s=5, resolver=resolver("127.0.0.2"))
+
+
+def test_https_goes_to_the_checked_address_with_sni_and_a_verified_certificate(tmp_path: Path) -> None:
+    """TLS to the address the guard checked: SNI and certificate name the host, and a certificate
+    the trust store does not vouch for, or one for another name, is refused."""
+    ca = trustme.CA()
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("hooks.test").configure_cert(server_side)
+    names: list[str | None] = []
+    server_side.sni_callback = lambda sock, name, context: names.append(name)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    to_loopback = resolver("127.0.0.1")
+    with WebhookReceiver(tls=server_side) as hook:
+        url = f"https://hooks.test:{hook.port}/hook"
+        status, _ = post(url, b"{}", {}, allow_hosts=["hooks.test"], timeout_s=5, resolver=to_loopback,
+                         ca_certs=str(ca_file))
+        assert status == 200 and names == ["hooks.test"]
+        assert hook.received()[0].headers["host"] == f"hooks.test:{hook.port}"
+        with pytest.raises(urllib3.exceptions.SSLError):       # the certificate names hooks.test
+            post(f"https://other.test:{hook.port}/hook", b"{}", {}, allow_hosts=["other.test"],
+                 timeout_s=5, resolver=to_loopback, ca_certs=str(ca_file))
+        with pytest.raises(urllib3.exceptions.SSLError):       # no trust in the test CA
+            post(url, b"{}", {}, allow_hosts=["hooks.test"], timeout_s=5, resolver=to_loopback)
+        assert len(hook.received()) == 1
 
 
 def test_delivery_log_says_why_a_resolved_name_was_refused(make_runtime) -> None:

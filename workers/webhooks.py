@@ -66,7 +66,8 @@ def checked_address(url: str, allow_hosts: Sequence[str],
 
 
 def post(url: str, body: bytes, headers: dict[str, str], *, allow_hosts: Sequence[str],
-         timeout_s: float, resolver: Resolver = socket.getaddrinfo) -> tuple[int, dict[str, str]]:
+         timeout_s: float, resolver: Resolver = socket.getaddrinfo,
+         ca_certs: str | None = None) -> tuple[int, dict[str, str]]:
     """One POST to the checked addresses in turn until one accepts the connection (a host with an
     unreachable IPv6 address still gets its message over IPv4); no redirects, no proxies, 64 KiB
     of answer read at most, all within timeout_s."""
@@ -74,7 +75,8 @@ def post(url: str, body: bytes, headers: dict[str, str], *, allow_hosts: Sequenc
     scheme, host, port, addresses = checked_address(url, allow_hosts, resolver)
     host = ascii_host(host)
     parts = urlsplit(url)
-    target = _Target(scheme, host, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
+    target = _Target(scheme, host, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                     ca_certs)
     for index, address in enumerate(addresses):
         try:
             return _post_to(address, target, body, headers, deadline, timeout_s)
@@ -90,6 +92,7 @@ class _Target:
     host: str                 # as it goes on the wire (IDNA)
     port: int
     path: str
+    ca_certs: str | None      # None: the system's trust store
 
 
 def _post_to(address: str, target: _Target, body: bytes, headers: dict[str, str], deadline: float,
@@ -100,7 +103,7 @@ def _post_to(address: str, target: _Target, body: bytes, headers: dict[str, str]
         # Connect to the checked address; SNI and the certificate still name the host.
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
             address, target.port, timeout=timeout, retries=False, server_hostname=target.host,
-            assert_hostname=target.host, cert_reqs="CERT_REQUIRED")
+            assert_hostname=target.host, cert_reqs="CERT_REQUIRED", ca_certs=target.ca_certs)
     else:
         pool = urllib3.HTTPConnectionPool(address, target.port, timeout=timeout, retries=False)
     default_port = 443 if target.scheme == "https" else 80

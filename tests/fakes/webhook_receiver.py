@@ -12,6 +12,7 @@ It can be stopped (connections refused) and started again on the same port.
 """
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections import deque
@@ -112,9 +113,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class WebhookReceiver:
-    def __init__(self, default: Step = 200, path: str = "/hook") -> None:
+    def __init__(self, default: Step = 200, path: str = "/hook", tls: ssl.SSLContext | None = None) -> None:
         self.default = default
         self.path = path
+        self.tls = tls                   # a server-side context: HTTPS, with its certificate
         self.requests: list[Received] = []
         self.port = 0
         self._script: deque[Step] = deque()
@@ -130,6 +132,8 @@ class WebhookReceiver:
         server = _Server(("127.0.0.1", self.port), _Handler)
         server.receiver = self
         server.release = threading.Event()
+        if self.tls is not None:
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         self.port = server.server_address[1]
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -162,7 +166,7 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         assert self.port, "start the receiver first"
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}{self.path}"
 
     # -- script and record -------------------------------------------------------------------
 
