@@ -185,21 +185,41 @@ class JobQueue:
         """Result lines of ended items in submission order, streamed chunk by chunk."""
         wanted = statuses or tuple(s.value for s in (ItemStatus.SUCCEEDED, ItemStatus.FAILED,
                                                      ItemStatus.CANCELLED, ItemStatus.EXPIRED))
+        # Plain tuples of the columns a line needs: building 21-field model objects was half
+        # the time of writing a 20,000-line artifact.
+        columns = [getattr(Item, name) for name in ("idx", "result_position") + UNFINISHED_FIELDS]
         last = -1
         while True:
-            rows = list(Item.select().where(Item.batch == batch_id, Item.idx > last,
-                                            Item.status.in_(wanted))
-                        .order_by(Item.idx).limit(chunk))
+            rows = list(Item.select(*columns).where(Item.batch == batch_id, Item.idx > last,
+                                                    Item.status.in_(wanted))
+                        .order_by(Item.idx).limit(chunk).tuples())
             if not rows:
                 return
-            for row in rows:
-                yield self._result_line(row)
-            last = rows[-1].idx
+            for _idx, result_position, *fields in rows:
+                if result_position is not None:
+                    yield json.loads(self.journal.read(result_position))["result"]
+                else:
+                    yield unfinished_line(**dict(zip(UNFINISHED_FIELDS, fields)))
+            last = rows[-1][0]
 
-    def _result_line(self, row: Item) -> dict:
-        if row.result_position is not None:
-            return json.loads(self.journal.read(row.result_position))["result"]
-        return unfinished_line(row)
+
+UNFINISHED_FIELDS = ("customer_item_id", "status", "operation", "model", "attempts", "started_at",
+                     "completed_at")
+
+
+def unfinished_line(*, customer_item_id: str, status: str, operation: str, model: str,
+                    attempts: str, started_at: float | None, completed_at: float | None) -> dict:
+    """The line of an item that ended without an outcome of its own (cancelled or expired)."""
+    reason = {"cancelled": "the batch was cancelled before this item ran",
+              "expired": "the batch's deadline passed before this item ran"}.get(status, "")
+    return {
+        "customer_item_id": customer_item_id, "status": status,
+        "operation": operation, "model": model, "provider": None, "response": None,
+        "output_text": None, "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
+        "cost_usd": format_usd(0), "attempts": json.loads(attempts),
+        "error": {"code": status, "message": reason, "provider_status": None},
+        "started_at": rfc3339(started_at), "completed_at": rfc3339(completed_at),
+    }
 
 
 def item_record(fields: dict, item_json: bytes) -> Encoded:
@@ -209,20 +229,6 @@ def item_record(fields: dict, item_json: bytes) -> Encoded:
     record = {"type": "item.submitted", **fields}
     head = compact_json(record)
     return record, head[:-1] + b',"item":' + item_json + b"}"
-
-
-def unfinished_line(row: Item) -> dict:
-    """The line of an item that ended without an outcome of its own (cancelled or expired)."""
-    reason = {"cancelled": "the batch was cancelled before this item ran",
-              "expired": "the batch's deadline passed before this item ran"}.get(row.status, "")
-    return {
-        "customer_item_id": row.customer_item_id, "status": row.status,
-        "operation": row.operation, "model": row.model, "provider": None, "response": None,
-        "output_text": None, "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
-        "cost_usd": format_usd(0), "attempts": json.loads(row.attempts),
-        "error": {"code": row.status, "message": reason, "provider_status": None},
-        "started_at": rfc3339(row.started_at), "completed_at": rfc3339(row.completed_at),
-    }
 
 
 def final_status(batch: Batch) -> str:
