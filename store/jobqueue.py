@@ -83,8 +83,12 @@ class JobQueue:
         if first is None:
             return []
         horizon = first + DEADLINE_BUCKET_S
-        accounts = [a for (a,) in Item.select(Item.account_id).where(due, Item.deadline_at < horizon)
-                    .distinct().tuples()]
+        # Accounts from the (small) batch table: DISTINCT over the queued items cost 2.4 ms a
+        # round at 10,000 queued and grows with the backlog. An account whose queued items are
+        # all in backoff just gets no rows below.
+        accounts = [a for (a,) in Batch.select(Batch.account).where(
+            Batch.queued > 0, Batch.ended_at.is_null(), Batch.deadline_at < horizon)
+            .distinct().tuples()]
         per_account = [self._due_rows(due & (Item.account_id == a) & (Item.deadline_at < horizon), limit)
                        for a in accounts]
         claims: list[Claim] = []
