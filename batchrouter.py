@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import secrets
@@ -146,6 +147,22 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> dict:
     return config_mod.load(args.config, environ, overrides)
 
 
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """Freeze what startup built, and run the cycle collector's young generation less often.
+
+    A 10,000-item quote allocates some 300,000 containers; at the default threshold (700) that
+    set off hundreds of collections, each also walking the server's long-lived objects. Measured
+    (bench scenario 3, three runs each way): quote 160-263 ms -> 150-170 ms. Reference counting
+    still frees everything acyclic at once; only garbage cycles wait a little longer.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def serve(config: dict, environ: Mapping[str, str]) -> int:
     # Bind first, so port 0 works and links carry the port actually bound.
     apps: list = []
@@ -160,6 +177,7 @@ def serve(config: dict, environ: Mapping[str, str]) -> int:
     config["server"]["port"] = server.effective_port
     runtime = Runtime(config, environ)
     apps.append(runtime.app)
+    tune_collector()
     runtime.start()
 
     def shutdown(signum: int, frame: object) -> None:
