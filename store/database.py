@@ -1,6 +1,7 @@
 """Opening the database from a URL, and the numbered migrations that build or upgrade it."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
@@ -101,9 +102,36 @@ def _migration_4(database: peewee.Database) -> None:
                          "ON item (status, account_id, deadline_at)")
 
 
+def _migration_5(database: peewee.Database) -> None:
+    """Claiming asks which open batches have queued work near the earliest deadline; batch rows
+    are kept (deletes only mark them), so that must not scan the table."""
+    database.execute_sql("CREATE INDEX IF NOT EXISTS batch_ended_at_deadline_at "
+                         "ON batch (ended_at, deadline_at)")
+
+
 # Ordered, numbered; an older database runs the ones it has not seen yet, each in a transaction.
 MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3,
-                                                       _migration_4]
+                                                       _migration_4, _migration_5]
+
+
+def sync_committed(database: peewee.Database) -> None:
+    """Makes every commit so far durable, whatever the committing connection's `synchronous`.
+
+    The committer's view commits skip their fsync (replay restores them), so anything that acts
+    irreversibly on what they say - dropping journal segments - calls this first. SQLite in WAL
+    mode: fsync the WAL (a completed checkpoint has already synced the database file).
+    PostgreSQL commits are durable when they return.
+    """
+    if not isinstance(database, peewee.SqliteDatabase):
+        return
+    try:
+        fd = os.open(database.database + "-wal", os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def migrate(database: peewee.Database) -> int:

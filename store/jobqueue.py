@@ -26,6 +26,7 @@ import peewee
 from core.clock import rfc3339
 from core.money import format_usd
 from store.committer import Committer, Encoded, compact_json, encode
+from store.database import sync_committed
 from store.journal import Journal
 from store.models import Batch, BatchStatus, Item, ItemStatus
 
@@ -180,6 +181,7 @@ class JobQueue:
         oldest_open = (Batch.select(peewee.fn.MIN(Batch.first_position))
                        .where(Batch.ended_at.is_null()).scalar())
         keep_from = applied if oldest_open is None else min(applied, oldest_open)
+        sync_committed(self.db)      # what was just read must outlive a power loss first
         return self.journal.drop_segments_before(keep_from)
 
     # ---- results -------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class Batch(BaseModel):
     idempotency_key = peewee.CharField(null=True)
 
     class Meta:
-        indexes = ((("account", "mode", "created_at"), False),)
+        indexes = ((("account", "mode", "created_at"), False), (("ended_at", "deadline_at"), False))
 
 
 class Item(BaseModel):

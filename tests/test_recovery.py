@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import struct
 import time
@@ -159,3 +160,27 @@ def test_item_records_from_before_the_item_was_stored_whole_still_dispatch(make_
     [position] = runtime.jobs.journal.append([json.dumps(old).encode()])
     claim = Claim("bat_x", 0, position, 0, [], 0.0)
     assert runtime.jobs.read_item(claim)["item"]["input"] == {"input": "hello"}
+
+
+def test_checkpoint_makes_the_view_durable_before_it_drops_journal_segments(make_runtime,
+                                                                            monkeypatch) -> None:
+    """The committer's view commits skip their own fsync; the checkpoint acts on them
+    irreversibly (segments are deleted), so it fsyncs the WAL first."""
+    runtime = make_runtime(start=False)
+    events: list[tuple[str, object]] = []
+    real_fsync, journal = os.fsync, runtime.jobs.journal
+    real_drop = journal.drop_segments_before
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def drop(position: int) -> int:
+        events.append(("drop", position))
+        return real_drop(position)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(journal, "drop_segments_before", drop)
+    runtime.jobs.checkpoint()
+    wal = ("fsync", os.path.realpath(runtime.db.database + "-wal"))
+    assert wal in events and events.index(wal) < [kind for kind, _ in events].index("drop"), events
