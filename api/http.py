@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -57,15 +58,49 @@ def decode_utf8(raw: bytes) -> str:
     return text
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidJSON(f"the number {text[:40]} is beyond the range of a double")
+    return value
+
+
+# An escaped UTF-16 surrogate: legal JSON, but alone it is no character and cannot be encoded
+# again (digest, journal), so it is refused here rather than failing later as a 500.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
+
+
 def parse_json(text: str) -> Any:
-    """Strict JSON: no duplicate keys, no NaN/Infinity (nesting is bounded by the parser's
-    recursion limit, which raises RecursionError)."""
+    """Strict JSON: no duplicate keys, no NaN/Infinity or numbers past a double, no lone
+    surrogates (nesting is bounded by the parser's recursion limit, which raises RecursionError)."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                           parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InvalidJSON(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise InvalidJSON("JSON nests too deeply") from None
+    if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(value):
+        raise InvalidJSON("a string holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without "
+                          "its pair); send valid Unicode")
+    return value
 
 
 def read_json_object(req: falcon.Request, max_bytes: int) -> dict:

@@ -36,13 +36,15 @@ BAD_BODIES = [
     (b'{"max_cost_usd": Infinity}', "invalid_json"),
     (b"[" * 20_000 + b"]" * 20_000, "invalid_json"),
     (b"", "invalid_json"),
+    (b'{"max_cost_usd": 1e400}', "invalid_json"),
+    (b'{"agent_name": "\\ud800x"}', "invalid_json"),
 ]
 
 
 @pytest.mark.parametrize("path", ROUTES_WITH_BODIES)
 @pytest.mark.parametrize(("raw", "code"), BAD_BODIES,
                          ids=["open", "trailing-comma", "bad-utf8", "duplicate-keys", "nan", "infinity",
-                              "deep-nesting", "empty"])
+                              "deep-nesting", "empty", "overflowing-number", "lone-surrogate"])
 def test_malformed_json_is_400(api: Api, who: dict, path: str, raw: bytes, code: str) -> None:
     status, body, _ = api.call("POST", path, raw=raw, token=who["key"] if "quotes" in path or
                                "batches" in path else None)
@@ -73,6 +75,18 @@ def test_rule_breaking_quotes_are_422(api: Api, who: dict, body: object) -> None
     status, answer, _ = api.call("POST", "/v1/quotes/model", raw=json.dumps(body).encode(),
                                  token=who["key"])
     _assert_error(status, answer, 422)
+
+
+@pytest.mark.parametrize("text", ['"\\udc00 alone"', '"pair \\ud83d\\ude00 ok, then \\ud83d"', "1e999"])
+def test_unencodable_values_inside_an_item_are_400_not_500(api: Api, who: dict, text: str) -> None:
+    """A lone UTF-16 surrogate or a number past float range parses, but cannot be encoded again
+    (digest, journal): refused as invalid JSON at the door."""
+    raw = ('{"items": [{"customer_item_id": "a", "operation": "responses", "model": "gpt-5.4-mini", '
+           '"input": {"input": "hi", "metadata": {"x": ' + text + '}}}]}').encode()
+    status, body, _ = api.call("POST", "/v1/quotes/model", raw=raw, token=who["key"])
+    _assert_error(status, body, 400, "invalid_json")
+    ok = raw.replace(text.encode(), b'"pair \\ud83d\\ude00 ok"')
+    assert api.call("POST", "/v1/quotes/model", raw=ok, token=who["key"])[0] == 201
 
 
 def test_nul_bytes_inside_opaque_input_are_fine(api: Api, who: dict) -> None:
