@@ -52,8 +52,10 @@ class JobQueue:
     # ---- API side ----------------------------------------------------------------------------
 
     def submit_batch(self, batch: dict, items: list[Encoded], idempotency: dict | None) -> None:
-        """The batch, its items (from item_record) and its idempotent 202 in one group;
-        durable when it returns.
+        """The batch, its items (from item_record) and its idempotent 202 in one group.
+
+        When it returns, every record is durable and the batch row visible; the item rows may
+        still be on their way (the committer inserts them next, before any later record).
 
         The closing batch.committed record lets replay tell a whole submit from a torn one.
         """

@@ -21,11 +21,22 @@ def month_to_date_micro(account_id: str, now: float) -> int:
 
 
 def open_reservation_micro(account_id: str) -> int:
-    """The most the account's unfinished live items can still cost."""
-    return (Item.select(peewee.fn.COALESCE(peewee.fn.SUM(Item.max_cost_micro), 0))
-            .where(Item.account_id == account_id, Item.mode == Mode.LIVE.value,
-                   Item.status.in_([ItemStatus.QUEUED.value, ItemStatus.RUNNING.value]))
-            .scalar())
+    """The most the account's unfinished live items can still cost.
+
+    A batch whose item rows the committer has not inserted yet (they follow its 202, see
+    store/committer.py) reserves its whole quoted maximum. Both sums are read in one
+    transaction, so a batch is counted by one of them or the other, never by neither.
+    """
+    live_open = (Batch.account == account_id) & (Batch.mode == Mode.LIVE.value) & Batch.ended_at.is_null()
+    without_rows = ~peewee.fn.EXISTS(Item.select(Item.id).where(Item.batch == Batch.id))
+    with Batch._meta.database.atomic():
+        pending = (Batch.select(peewee.fn.COALESCE(peewee.fn.SUM(Batch.quoted_max_micro), 0))
+                   .where(live_open & without_rows).scalar())
+        queued = (Item.select(peewee.fn.COALESCE(peewee.fn.SUM(Item.max_cost_micro), 0))
+                  .where(Item.account_id == account_id, Item.mode == Mode.LIVE.value,
+                         Item.status.in_([ItemStatus.QUEUED.value, ItemStatus.RUNNING.value]))
+                  .scalar())
+    return pending + queued
 
 
 def month_bounds(month: str) -> tuple[float, float]:

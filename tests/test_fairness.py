@@ -19,6 +19,13 @@ def _submit(api: Api, key: str, count: int, prefix: str, tier: str = "standard")
     return batch["id"]
 
 
+def _claim(runtime, limit: int) -> list:
+    # A submit is answered once its batch row is in; its item rows follow in the committer's
+    # next transaction. An empty commit waits for them.
+    runtime.jobs.committer.commit([])
+    return runtime.jobs.claim_due(limit, runtime.services.now() + 1)
+
+
 def _runtime(make_runtime, tmp_path: Path):
     # Started, but the scheduler is stopped: the test claims by hand and sees the order.
     runtime = make_runtime()
@@ -34,7 +41,7 @@ def test_a_small_batch_is_not_starved_by_a_big_one(make_runtime, tmp_path: Path)
     b = signup(api, outbox, "b@example.com", mode="test")
     big = _submit(api, a["key"], 300, "a")
     small = _submit(api, b["key"], 4, "b")
-    claims = runtime.jobs.claim_due(8, runtime.services.now() + 1)
+    claims = _claim(runtime, 8)
     by_batch = [c.batch_id for c in claims]
     # Alternating accounts: B's four items are all in the first eight claimed.
     assert by_batch.count(small) == 4 and by_batch.count(big) == 4
@@ -47,6 +54,6 @@ def test_earlier_deadline_runs_first(make_runtime, tmp_path: Path) -> None:
     b = signup(api, outbox, "b@example.com", mode="test")
     relaxed = _submit(api, a["key"], 5, "a", tier="economy")
     urgent = _submit(api, b["key"], 5, "b", tier="priority")
-    claims = runtime.jobs.claim_due(5, runtime.services.now() + 1)
+    claims = _claim(runtime, 5)
     assert {c.batch_id for c in claims} == {urgent}
     assert relaxed != urgent

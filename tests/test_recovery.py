@@ -14,6 +14,7 @@ import requests
 from falcon import testing
 
 from store.jobqueue import Claim
+from store.ledger import open_reservation_micro
 from tests.fakes.openai_server import FakeOpenAIServer
 from tests.harness import (
     SEED_ENVELOPE,
@@ -184,3 +185,50 @@ def test_checkpoint_makes_the_view_durable_before_it_drops_journal_segments(make
     runtime.jobs.checkpoint()
     wal = ("fsync", os.path.realpath(runtime.db.database + "-wal"))
     assert wal in events and events.index(wal) < [kind for kind, _ in events].index("drop"), events
+
+
+class _Killed(Exception):
+    """Stands for SIGKILL at one exact point inside the committer thread."""
+
+
+def test_crash_after_a_submits_202_but_before_its_item_rows_replays_them_once(
+        make_runtime, tmp_path: Path, monkeypatch) -> None:
+    """The committer answers a submit once its batch row is in and inserts the item rows in its
+    next transaction; a crash in between must leave the batch whole after replay."""
+    data = tmp_path / "data"
+    first = make_runtime(data_dir=data)
+    first.scheduler.stop()
+    api = Api(test_client=testing.TestClient(first.app))
+    who = signup(api, data / "outbox", mode="live")
+    committer = first.jobs.committer
+    real = type(committer)._apply_resilient
+
+    def dies_before_item_rows(self, pairs, end_position):
+        if pairs and pairs[0][0]["type"] == "item.submitted":
+            self._running = False        # later commits are refused, as after a real kill
+            raise _Killed
+        return real(self, pairs, end_position)
+
+    monkeypatch.setattr(type(committer), "_apply_resilient", dies_before_item_rows)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)
+    batch = quote_and_submit(api, who["key"], [seed_item(n) for n in range(30)])
+    # Answered, visible, and its whole quoted maximum still reserved against the spend limit.
+    status, shown, _ = api.get(f"/v1/batches/{batch['id']}", token=who["key"])
+    assert status == 200 and shown["counts"]["queued"] == 30
+    assert db_value(data, "SELECT COUNT(*) FROM item") == 0
+    assert open_reservation_micro(who["account"]["id"]) == db_value(
+        data, "SELECT quoted_max_micro FROM batch WHERE id = ?", batch["id"]) > 0
+    first.stop()
+    monkeypatch.undo()
+
+    second = make_runtime(data_dir=data)
+    api = Api(test_client=testing.TestClient(second.app))
+    done = wait_for_end(api, who["key"], batch["id"])
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == 30
+    assert db_value(data, "SELECT COUNT(*) FROM item WHERE batch_id = ?", batch["id"]) == 30
+    assert db_value(data, "SELECT COUNT(*) FROM ledgerentry WHERE batch_id = ?", batch["id"]) == 30
+
+
+def db_value(data: Path, sql: str, *params: object) -> object:
+    with sqlite3.connect(data / "batchrouter.db") as db:
+        return db.execute(sql, params).fetchone()[0]
