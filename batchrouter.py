@@ -163,7 +163,14 @@ def tune_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# Waitress reads a whole body before the app sees it, and answers one over its own cap with a
+# plain-text 413. The app's JSON 413 covers bodies up to this far over the configured limit;
+# past it, waitress's cap keeps a client from filling the disk with an endless upload.
+WAITRESS_BODY_HEADROOM = 64 << 20
+
+
 def serve(config: dict, environ: Mapping[str, str]) -> int:
+    logging.getLogger().setLevel(config["server"]["log_level"])     # the file's, unless env says
     # Bind first, so port 0 works and links carry the port actually bound.
     apps: list = []
 
@@ -173,7 +180,7 @@ def serve(config: dict, environ: Mapping[str, str]) -> int:
     server = waitress.create_server(
         application, host=config["server"]["host"], port=config["server"]["port"],
         threads=config["server"]["threads"], ident="batchrouter",
-        max_request_body_size=config["limits"]["max_body_bytes"] + 1024)
+        max_request_body_size=config["limits"]["max_body_bytes"] + WAITRESS_BODY_HEADROOM)
     config["server"]["port"] = server.effective_port
     runtime = Runtime(config, environ)
     apps.append(runtime.app)

@@ -147,7 +147,10 @@ class ResendVerification:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = self.s.auth.session(req)
         if caller.account.email_verified:
-            raise Conflict("this email is already verified", code="email_already_verified")
+            # SPEC §2: resend answers 202. Nothing is left to verify, so nothing is sent.
+            send_json(resp, 202, {"object": "email_verification", "status": "already_verified",
+                                  "email": caller.account.email})
+            return
         _limit(self.s, "resend", caller.account.id, 5, HOUR)
         accounts.add_event(self.s.db, "resend", caller.account.id, self.s.now())
         send_verification(self.s, caller.account)

@@ -97,6 +97,8 @@ def parse_json(text: str) -> Any:
         raise InvalidJSON(f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise InvalidJSON("JSON nests too deeply") from None
+    except ValueError as exc:       # an integer of more digits than int() takes (4300)
+        raise InvalidJSON(f"malformed JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(text) and _lone_surrogate(value):
         raise InvalidJSON("a string holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without "
                           "its pair); send valid Unicode")

@@ -102,7 +102,7 @@ OPERATIONS = [
      [400, 409, 415, 422]),
     ("/v1/auth/verify-email/confirm", "get", "Verify by the emailed link", None, None, 200, None, [409, 422]),
     ("/v1/auth/verify-email/resend", "post", "Send the verification email again", "session", None, 202,
-     None, [401, 409, 429, 503]),
+     None, [401, 429, 503]),
     ("/v1/auth/login", "post", "Log in", None, "Login", 200, None, [400, 401, 415, 422, 429]),
     ("/v1/auth/logout", "post", "Revoke every session", "session", None, 204, None, [401]),
     ("/v1/auth/account", "get", "The account", "either", None, 200, None, [401]),
@@ -124,11 +124,11 @@ OPERATIONS = [
      [401, 404, 409]),
     ("/v1/batches/{batch_id}/cancel", "post", "Cancel a batch", "key", None, 200, "Batch", [401, 404]),
     ("/v1/batches/{batch_id}/results", "get", "Results so far (JSON lines)", "key", None, 200, None,
-     [401, 404, 422]),
+     [401, 404, 410, 422]),
     ("/v1/batches/{batch_id}/artifact-urls", "post", "Mint fresh artifact URLs", "key", None, 200, None,
      [401, 404]),
     ("/v1/batches/{batch_id}/webhook-deliveries", "get", "The webhook delivery log", "key", None, 200,
-     "List", [401, 404]),
+     "List", [401, 404, 422]),
     ("/v1/batches/{batch_id}/webhook-deliveries/redeliver", "post", "Send the webhook again", "key",
      None, 202, "List", [401, 404, 409]),
     ("/v1/artifacts/{token}", "get", "Download an artifact by signed URL", None, None, 200, None,
@@ -136,6 +136,9 @@ OPERATIONS = [
     ("/v1/usage", "get", "Usage from the ledger", "either", None, 200, "Usage", [401, 422]),
     ("/v1/usage.csv", "get", "Usage as CSV", "either", None, 200, None, [401, 422]),
 ]
+# Successes besides the main one (no JSON body of their own).
+OTHER_SUCCESSES = {("/v1/artifacts/{token}", "get"): {"206": "the byte range asked for (Range)",
+                                                      "304": "unchanged since the ETag sent"}}
 BODIES = {
     "Register": _obj({"agent_name": {**NAME, "maxLength": 64},
                       "email": {"type": "string", "format": "email"},
@@ -153,13 +156,15 @@ SECURITY = {None: [], "session": [{"session": []}], "key": [{"api_key": []}],
             "either": [{"session": []}, {"api_key": []}]}
 
 
-def _operation(path: str, summary: str, auth: str | None, body: str | None, status: int,
-               schema: str | None, errors: list[int]) -> dict:
+def _operation(path: str, method: str, summary: str, auth: str | None, body: str | None,
+               status: int, schema: str | None, errors: list[int]) -> dict:
     params = [{"name": name.strip("{}"), "in": "path", "required": True, "schema": {"type": "string"}}
               for name in path.split("/") if name.startswith("{")]
     responses = {str(status): {"description": "success"}}
     if schema:
         responses[str(status)]["content"] = {"application/json": {"schema": _ref(schema)}}
+    for code, description in OTHER_SUCCESSES.get((path, method), {}).items():
+        responses[code] = {"description": description}
     for code in sorted(set(errors) | ({401} if auth else set()) | {500}):
         responses[str(code)] = {"description": "error",
                                 "content": {"application/json": {"schema": _ref("Error")}}}
@@ -175,7 +180,8 @@ def _operation(path: str, summary: str, auth: str | None, body: str | None, stat
 def document(public_url: str) -> dict:
     paths: dict[str, dict] = {}
     for path, method, summary, auth, body, status, schema, errors in OPERATIONS:
-        paths.setdefault(path, {})[method] = _operation(path, summary, auth, body, status, schema, errors)
+        paths.setdefault(path, {})[method] = _operation(path, method, summary, auth, body, status, schema,
+                                                        errors)
     return {
         "openapi": "3.1.0",
         "info": {"title": "BatchRouter", "version": "1.0.0",

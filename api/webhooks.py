@@ -6,7 +6,7 @@ import json
 import falcon
 
 from api.context import Services
-from api.http import send_json
+from api.http import list_body, list_params, send_json
 from api.lookup import FINAL, owned_batch
 from core.clock import rfc3339
 from core.errors import Conflict
@@ -40,8 +40,9 @@ class WebhookDeliveries:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, batch_id: str) -> None:
         batch = owned_batch(self.s, req, batch_id)
-        data = [delivery_json(d) for d in delivery_store.for_batch(batch.id)]
-        send_json(resp, 200, {"object": "list", "data": data, "has_more": False, "next_cursor": None})
+        limit, after = list_params(req)
+        rows, has_more = delivery_store.for_batch(batch.id, limit, after)
+        send_json(resp, 200, list_body([delivery_json(d) for d in rows], has_more))
 
 
 class WebhookRedeliver:
@@ -57,5 +58,5 @@ class WebhookRedeliver:
                            code="batch_not_ended", param="id")
         delivery_store.redeliver(self.s.db, batch.id, self.s.now())
         self.s.wake_webhooks()
-        data = [delivery_json(d) for d in delivery_store.for_batch(batch.id)]
-        send_json(resp, 202, {"object": "list", "data": data, "has_more": False, "next_cursor": None})
+        rows, has_more = delivery_store.for_batch(batch.id)
+        send_json(resp, 202, list_body([delivery_json(d) for d in rows], has_more))

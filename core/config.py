@@ -80,6 +80,26 @@ def _list_of(item: Callable[[Any], Any]) -> Callable[[Any], list]:
     return convert
 
 
+def _one_of(*allowed: str) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        text = _str(value)
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, not {text!r}")
+        return text
+    return convert
+
+
+def _log_level(value: Any) -> str:
+    return _one_of("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")(_str(value).upper())
+
+
+def _database_url(value: Any) -> str:
+    text = _str(value)
+    if text and text.split(":", 1)[0] not in ("sqlite", "postgres", "postgresql"):
+        raise ValueError("must be a sqlite:///path or postgresql://user@host/db URL (or empty)")
+    return text
+
+
 def _decimal_or_empty(value: Any) -> str:
     text = _str(value).strip()
     if text:
@@ -100,12 +120,12 @@ SETTINGS: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "port": (_port, 8080),
         "public_url": (_str, ""),
         "data_dir": (_str, "./data"),
-        "database_url": (_str, ""),
+        "database_url": (_database_url, ""),
         "threads": (_positive_int, 8),
-        "log_level": (_str, "INFO"),
+        "log_level": (_log_level, "INFO"),
     },
     "email": {
-        "backend": (_str, "outbox"),
+        "backend": (_one_of("outbox", "smtp"), "outbox"),
         "host": (_str, "localhost"),
         "port": (_positive_int, 25),
         "starttls": (_bool, False),
@@ -366,10 +386,16 @@ def read_file(path: str | os.PathLike | None) -> dict:
 
 
 def credential_problems(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Providers whose credentials env var is named but unset (their routes are unroutable)."""
-    return [f"provider {p.get('name')!r}: environment variable {p['api_key_env']} is not set"
-            for p in config["providers"]
-            if p.get("api_key_env") and not environ.get(p["api_key_env"])]
+    """Secrets named by environment variable that are unset: a provider's (its routes are
+    unroutable) and the SMTP password (serve refuses to start without it)."""
+    problems = [f"provider {p.get('name')!r}: environment variable {p['api_key_env']} is not set"
+                for p in config["providers"]
+                if p.get("api_key_env") and not environ.get(p["api_key_env"])]
+    email = config["email"]        # a key that failed its own check is missing here
+    variable = email.get("password_env")
+    if email.get("backend") == "smtp" and variable and variable not in environ:
+        problems.append(f"[email] password_env names {variable}, which is not set")
+    return problems
 
 
 def public_url(config: Mapping[str, Any]) -> str:

@@ -5,6 +5,9 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICRO = 10**6           # micro-USD per USD
 NANO = 10**9            # price unit: nano-USD per million tokens
+# The largest amount or price taken from outside: its nano-USD still fits a signed 64-bit
+# column, and arithmetic on it never leaves Decimal's range.
+MAX_DECIMAL = Decimal(10**9)
 
 
 def parse_decimal(text: str) -> Decimal:
@@ -17,6 +20,8 @@ def parse_decimal(text: str) -> Decimal:
         raise ValueError(f"{text!r} is not a decimal number") from None
     if not value.is_finite() or value < 0:
         raise ValueError(f"{text!r} must be a finite, non-negative decimal")
+    if value > MAX_DECIMAL:
+        raise ValueError(f"{text[:40]!r} is above the largest accepted amount, {MAX_DECIMAL}")
     return value
 
 

@@ -6,6 +6,7 @@ import json
 import peewee
 
 from store.models import Batch, DeliveryStatus, WebhookDelivery
+from store.pages import page
 
 
 def due(now: float, exclude: set[str], limit: int) -> list[WebhookDelivery]:
@@ -30,9 +31,11 @@ def record_attempt(db: peewee.Database, delivery_id: str, attempt: dict, status:
             WebhookDelivery.id == delivery_id).execute()
 
 
-def for_batch(batch_id: str) -> list[WebhookDelivery]:
-    return list(WebhookDelivery.select().where(WebhookDelivery.batch_id == batch_id)
-                .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()))
+def for_batch(batch_id: str, limit: int = 100,
+              after: str | None = None) -> tuple[list[WebhookDelivery], bool]:
+    """A page of the batch's messages, newest first."""
+    return page(WebhookDelivery.select().where(WebhookDelivery.batch_id == batch_id),
+                WebhookDelivery, limit, after)
 
 
 def redeliver(db: peewee.Database, batch_id: str, now: float) -> int:

@@ -258,9 +258,10 @@ def test_resend_after_expiry_gives_a_fresh_token(api: Api, outbox: Path) -> None
     fresh = latest_email_token(outbox, "ada@example.com")
     assert fresh != token
     assert api.post(CONFIRM, {"token": fresh})[0] == 200
-    # Verified: a second resend has nothing to do.
-    assert_error(api.post("/v1/auth/verify-email/resend", token=reg["session_token"]), 409,
-                 "conflict_error")
+    # Verified: a second resend is still a 202 (SPEC §2), and sends nothing.
+    status, body, _ = api.post("/v1/auth/verify-email/resend", token=reg["session_token"])
+    assert status == 202 and body["status"] == "already_verified", body
+    assert latest_email_token(outbox, "ada@example.com") == fresh
 
 
 def test_session_issued_after_the_clock_moved_works(timed) -> None:

@@ -173,6 +173,22 @@ def test_check_config_lists_an_unset_api_key_env_with_the_other_problems(tmp_pat
     assert "colour" in done.stdout and "BR_TEST_SURELY_UNSET_KEY" in done.stdout
 
 
+def test_check_config_finds_what_serve_would_refuse_to_start_with(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(
+        '[server]\ndatabase_url = "mysql://db/x"\n'
+        '[email]\nbackend = "carrier-pigeon"\n')
+    done = run(tmp_path, "check-config", "--config", "c.toml")
+    assert done.returncode == 1, _problems(done)
+    for word in ("database_url", "carrier-pigeon"):
+        assert word in done.stdout, (word, done.stdout)
+    (tmp_path / "smtp.toml").write_text(
+        '[email]\nbackend = "smtp"\nhost = "mail.example.com"\npassword_env = "BR_TEST_SURELY_UNSET_PW"\n')
+    done = run(tmp_path, "check-config", "--config", "smtp.toml")
+    assert done.returncode == 1 and "BR_TEST_SURELY_UNSET_PW" in done.stdout, _problems(done)
+    ok = run(tmp_path, "check-config", "--config", "smtp.toml", env=clean_env(BR_TEST_SURELY_UNSET_PW="pw"))
+    assert ok.returncode == 0, _problems(ok)
+
+
 def test_check_config_passes_on_the_shipped_file(tmp_path: Path) -> None:
     done = run(tmp_path, "check-config", "--config", str(SHIPPED))
     assert done.returncode == 0, _problems(done)

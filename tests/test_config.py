@@ -29,7 +29,10 @@ SMTP_KEYS = ("host", "port", "starttls", "username", "password_env", "from")
 # Lists whose default gives no example of an element.
 LIST_EXAMPLES = {("webhooks", "allow_hosts"): ("127.0.0.1, localhost", ["127.0.0.1", "localhost"]),
                  ("webhooks", "retry_schedule_s"): ("1,1,1", [1, 1, 1])}
-SPECIAL_STRINGS = {("limits", "monthly_spend_limit_usd"): ("12.50", "12.50")}
+SPECIAL_STRINGS = {("limits", "monthly_spend_limit_usd"): ("12.50", "12.50"),
+                   ("server", "database_url"): ("sqlite:////tmp/x.db", "sqlite:////tmp/x.db"),
+                   ("server", "log_level"): ("debug", "DEBUG"),
+                   ("email", "backend"): ("smtp", "smtp")}
 
 ALL_KEYS = [(section, key) for section, keys in config_mod.SETTINGS.items() for key in keys]
 
@@ -54,6 +57,14 @@ def example(section: str, key: str) -> tuple[str, object]:
     if isinstance(default, str):
         return f"{default}-custom", f"{default}-custom"
     raise AssertionError(f"no example for {section}.{key} (default {default!r}); add one")
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("server", "log_level", "chatty"), ("server", "database_url", "mysql://db/x"),
+    ("email", "backend", "carrier-pigeon")])
+def test_closed_choices_are_checked(section: str, key: str, value: str) -> None:
+    _, problems = build({section: {key: value}})
+    assert len(problems) == 1 and problems[0].startswith(f"{section}.{key}:"), problems
 
 
 def build(file_data: dict | None = None, environ: dict | None = None,

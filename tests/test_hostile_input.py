@@ -77,7 +77,8 @@ def test_rule_breaking_quotes_are_422(api: Api, who: dict, body: object) -> None
     _assert_error(status, answer, 422)
 
 
-@pytest.mark.parametrize("text", ['"\\udc00 alone"', '"pair \\ud83d\\ude00 ok, then \\ud83d"', "1e999"])
+@pytest.mark.parametrize("text", ['"\\udc00 alone"', '"pair \\ud83d\\ude00 ok, then \\ud83d"', "1e999",
+                                  "1" * 5000])
 def test_unencodable_values_inside_an_item_are_400_not_500(api: Api, who: dict, text: str) -> None:
     """A lone UTF-16 surrogate or a number past float range parses, but cannot be encoded again
     (digest, journal): refused as invalid JSON at the door."""
@@ -87,6 +88,17 @@ def test_unencodable_values_inside_an_item_are_400_not_500(api: Api, who: dict, 
     _assert_error(status, body, 400, "invalid_json")
     ok = raw.replace(text.encode(), b'"pair \\ud83d\\ude00 ok"')
     assert api.call("POST", "/v1/quotes/model", raw=ok, token=who["key"])[0] == 201
+
+
+@pytest.mark.parametrize("amount", ["1e999999", "10000000000000", "1e20"])
+def test_amounts_too_large_to_hold_are_422(api: Api, who: dict, amount: str) -> None:
+    status, body, _ = api.post("/v1/quotes/model", {**SEED_ENVELOPE, "items": [seed_item(1)],
+                                                    "max_cost_usd": amount}, token=who["key"])
+    _assert_error(status, body, 422, "invalid_field")
+    login = api.post("/v1/auth/login", {"email": "agent@example.com", "password": "correct horse 1"})[1]
+    status, body, _ = api.call("PATCH", "/v1/auth/account", json_body={"monthly_spend_limit_usd": amount},
+                               token=login["session_token"])
+    _assert_error(status, body, 422, "invalid_field")
 
 
 def test_nul_bytes_inside_opaque_input_are_fine(api: Api, who: dict) -> None:
@@ -159,6 +171,17 @@ def test_body_over_the_limit_is_413_before_reading_it(server: ServerProcess) -> 
     api = server.api()
     status, body, _ = api.call("POST", "/v1/auth/login", raw=b'{"email": "' + b"a" * 200_000 + b'"}')
     assert status == 413, body
+
+
+def test_a_body_far_over_the_configured_limit_still_gets_the_json_413(server: ServerProcess) -> None:
+    """Waitress reads bodies before the app and answers past its own cap in plain text; the cap
+    sits well above the configured limit so clients see the SPEC's error shape."""
+    api = server.api()
+    key = signup(api, server.data_dir / "outbox", "big-body@example.com")["key"]
+    raw = json.dumps({**SEED_ENVELOPE, "items": [], "pad": "x" * 3_000_000}).encode()
+    status, body, headers = api.call("POST", "/v1/quotes/model", raw=raw, token=key)
+    _assert_error(status, body, 413)
+    assert "100000" in body["error"]["message"] and headers.get("X-Request-Id")
 
 
 def test_slow_partial_body_does_not_hurt_the_server(server: ServerProcess) -> None:

@@ -30,6 +30,10 @@ def test_document_is_openapi_31_and_served(api: Api) -> None:
     assert "/v1/batches" in doc["paths"] and "post" in doc["paths"]["/v1/batches"]
     error = doc["components"]["schemas"]["Error"]["properties"]["error"]
     assert set(error["required"]) == {"type", "code", "message", "param", "request_id"}
+    # Answers the routes give besides their main one are listed too.
+    artifact = doc["paths"]["/v1/artifacts/{token}"]["get"]["responses"]
+    assert {"200", "206", "304", "403", "410"} <= set(artifact)
+    assert "410" in doc["paths"]["/v1/batches/{batch_id}/results"]["get"]["responses"]
 
 
 def test_unknown_route_and_wrong_method_have_the_error_shape(api: Api) -> None:

@@ -452,6 +452,23 @@ def test_delivery_log_and_redeliver_are_the_owner_s_only(make_runtime) -> None:
         assert len(hook.received()) == 1
 
 
+def test_the_delivery_log_is_a_list_with_the_list_parameters(make_runtime) -> None:
+    _, api, who = setup(make_runtime)
+    with WebhookReceiver() as hook:
+        batch = submit_ok(api, who["key"], [seed_item(1)], {"url": hook.url})
+        wait_for_end(api, who["key"], batch["id"])
+        delivery = wait_delivery(api, who["key"], batch["id"], delivered)
+    path = f"/v1/batches/{batch['id']}/webhook-deliveries"
+    status, page, _ = api.get(path + "?limit=1", token=who["key"])
+    assert status == 200 and page["data"] == [delivery] and page["has_more"] is False, page
+    status, page, _ = api.get(f"{path}?after={delivery['id']}", token=who["key"])
+    assert status == 200 and page["data"] == [] and page["next_cursor"] is None, page
+    for query, code in (("?limit=0", "invalid_limit"), ("?limit=101", "invalid_limit"),
+                        ("?after=whmsg_nope", "invalid_cursor"), ("?colour=red", "unknown_parameter")):
+        status, error, _ = api.get(path + query, token=who["key"])
+        assert status == 422 and error["error"]["code"] == code, (query, error)
+
+
 def test_webhook_field_rules_at_submit(make_runtime) -> None:
     _, api, who = setup(make_runtime)
     key, items = who["key"], [seed_item(1)]
