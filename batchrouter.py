@@ -106,7 +106,8 @@ class Runtime:
             dummy_hash=hash_password("not-a-password", config["auth"]["scrypt_n"]),
             default_spend_limit_micro=usd_to_micro(parse_decimal(limit)) if limit else None,
             forecast=self.forecast, wake_scheduler=self.scheduler.wake,
-            wake_webhooks=self.webhooks.wake, is_ready=self.ready.is_set,
+            wake_webhooks=self.webhooks.wake,
+            is_ready=lambda: self.ready.is_set() and self.committer.running,
             metrics=lambda: {"items_in_flight": self.scheduler.in_flight,
                              "journal_bytes": self.journal.size_bytes()})
         self.app = create_app(self.services)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import peewee
 
+from core.errors import ServiceUnavailable
 from store import view
 from store.journal import Journal
 from store.models import JournalState
@@ -99,8 +100,16 @@ def return_freed_memory() -> None:
         _TRIM(0)
 
 
-class CommitterStopped(RuntimeError):
-    """The committer is not running; nothing was written."""
+class CommitterStopped(ServiceUnavailable):
+    """The committer is not running; nothing was written (the API answers 503)."""
+
+
+class CommitterHalted(CommitterStopped):
+    """Records are durable in the journal but the database kept refusing them."""
+
+
+APPLY_ATTEMPTS = 5
+APPLY_RETRY_S = 0.1             # doubled each time: 3.1 s in all before halting
 
 
 class Committer:
@@ -171,6 +180,10 @@ class Committer:
         self._thread.join(timeout=30)
         self._thread = None
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
     def release_memory_if_due(self) -> bool:
         """Called a moment after a large group, when the request that sent it has let go too."""
         if not self._trim_due:
@@ -229,7 +242,12 @@ class Committer:
             group = self._take_group()
             if group is None:
                 break
-            self._write_group(group)
+            try:
+                self._write_group(group)
+            except CommitterHalted:
+                log.critical("committer halted: every later commit is refused until a restart")
+                self._running = False
+                break
             # Let go of the records now: a 50,000-item submit must not stay in memory until
             # the next commit arrives.
             if sum(len(c.records) for c in group) >= LARGE_GROUP:
@@ -237,7 +255,7 @@ class Committer:
             for command in group:
                 command.records = []
             group = None
-        # Drain what arrived after the stop request so no caller waits forever.
+        # Drain what arrived after the stop request (or the halt) so no caller waits forever.
         while True:
             try:
                 command = self._queue.get_nowait()
@@ -263,21 +281,46 @@ class Committer:
             pairs.extend((record, pos) for (record, _), pos in zip(command.records, span))
             spans.append((first, len(pairs)))
         cut = _first_item_row(pairs)
-        failed: dict[int, Exception] = {}
-        answered = 0
-        if cut:
-            # Every record of the submit is durable already: once its batch row is visible, its
-            # 202 can go. Its item rows follow in a second transaction (a 10,000-item submit
-            # spent 45-75 ms inserting them), and the position stored by the first one points
-            # at its first item record, so a crash in between replays exactly those.
-            failed = self._apply_resilient(pairs[:cut], pairs[cut][1])
-            answered = next(i for i, (_, past) in enumerate(spans) if past > cut) + 1
-            for command, span in zip(group[:answered], spans):
+        if not cut:
+            failed = self._apply_resilient(pairs, self._journal.end_position)
+            for command, span in zip(group, spans):
                 _answer(command, span, pairs, failed)
-        later = self._apply_resilient(pairs[cut:], self._journal.end_position)
-        failed.update((index + cut, exc) for index, exc in later.items())
-        for command, span in zip(group[answered:], spans[answered:]):
+            return
+        # Every record of the submit is durable already: once its batch row is visible, its 202
+        # can go. Its item rows follow in a second transaction (a 10,000-item submit spent 45-75
+        # ms inserting them), and the position stored by the first one points at its first item
+        # record, so a crash in between replays exactly those.
+        failed = self._apply_resilient(pairs[:cut], pairs[cut][1])
+        answered = next(i for i, (_, past) in enumerate(spans) if past > cut) + 1
+        for command, span in zip(group[:answered], spans):
             _answer(command, span, pairs, failed)
+        try:
+            self._apply_answered(pairs[cut:], self._journal.end_position)
+        except CommitterHalted as exc:
+            for command in group[answered:]:
+                command.future.set_exception(exc)
+            raise
+        for command, span in zip(group[answered:], spans[answered:]):
+            _answer(command, span, pairs, {})
+
+    def _apply_answered(self, pairs: list[tuple[dict, int]], end_position: int) -> None:
+        """The item rows of a submit already answered 202 (and what followed it in the group).
+
+        They may not be skipped the way _apply_resilient skips a record it cannot apply: the
+        client holds a 202 for them. A failing transaction (disk full, I/O error) is tried
+        again; if it keeps failing, the committer halts with the applied position still before
+        them, so nothing is acknowledged past them and a restart replays them.
+        """
+        for attempt in range(APPLY_ATTEMPTS):
+            try:
+                self._apply(pairs, end_position)
+                return
+            except Exception:
+                log.exception("applying a submit's item rows failed (attempt %d of %d)",
+                              attempt + 1, APPLY_ATTEMPTS)
+                time.sleep(APPLY_RETRY_S * 2 ** attempt)
+        raise CommitterHalted("the database refused an accepted batch's item rows; the service "
+                              "stopped committing and replays them from the journal on restart")
 
     def _apply_resilient(self, pairs: list[tuple[dict, int]], end_position: int) -> dict[int, Exception]:
         """Applies in one transaction; if that fails, record by record, skipping the bad ones.

@@ -24,19 +24,21 @@ def open_reservation_micro(account_id: str) -> int:
     """The most the account's unfinished live items can still cost.
 
     A batch whose item rows the committer has not inserted yet (they follow its 202, see
-    store/committer.py) reserves its whole quoted maximum. Both sums are read in one
-    transaction, so a batch is counted by one of them or the other, never by neither.
+    store/committer.py) reserves its whole quoted maximum. Both sums are one statement, so one
+    snapshot: a batch is counted by one of them or the other, never by neither. (A transaction
+    would do the same, but on SQLite ours begin IMMEDIATE and would queue behind the writer.)
     """
-    live_open = (Batch.account == account_id) & (Batch.mode == Mode.LIVE.value) & Batch.ended_at.is_null()
-    without_rows = ~peewee.fn.EXISTS(Item.select(Item.id).where(Item.batch == Batch.id))
-    with Batch._meta.database.atomic():
-        pending = (Batch.select(peewee.fn.COALESCE(peewee.fn.SUM(Batch.quoted_max_micro), 0))
-                   .where(live_open & without_rows).scalar())
-        queued = (Item.select(peewee.fn.COALESCE(peewee.fn.SUM(Item.max_cost_micro), 0))
-                  .where(Item.account_id == account_id, Item.mode == Mode.LIVE.value,
-                         Item.status.in_([ItemStatus.QUEUED.value, ItemStatus.RUNNING.value]))
-                  .scalar())
-    return pending + queued
+    sql = ('SELECT (SELECT COALESCE(SUM(b."quoted_max_micro"), 0) FROM "batch" AS b '
+           'WHERE b."account_id" = ? AND b."mode" = ? AND b."ended_at" IS NULL '
+           'AND NOT EXISTS (SELECT 1 FROM "item" AS i WHERE i."batch_id" = b."id")) + '
+           '(SELECT COALESCE(SUM("max_cost_micro"), 0) FROM "item" '
+           'WHERE "account_id" = ? AND "mode" = ? AND "status" IN (?, ?))')
+    db = Item._meta.database
+    live = Mode.LIVE.value
+    row = db.execute_sql(sql.replace("?", db.param), (account_id, live, account_id, live,
+                                                       ItemStatus.QUEUED.value,
+                                                       ItemStatus.RUNNING.value)).fetchone()
+    return int(row[0])
 
 
 def month_bounds(month: str) -> tuple[float, float]:

@@ -13,6 +13,8 @@ from pathlib import Path
 import requests
 from falcon import testing
 
+from store import committer as committer_module
+from store import view
 from store.jobqueue import Claim
 from store.ledger import open_reservation_micro
 from tests.fakes.openai_server import FakeOpenAIServer
@@ -187,37 +189,37 @@ def test_checkpoint_makes_the_view_durable_before_it_drops_journal_segments(make
     assert wal in events and events.index(wal) < [kind for kind, _ in events].index("drop"), events
 
 
-class _Killed(Exception):
-    """Stands for SIGKILL at one exact point inside the committer thread."""
-
-
-def test_crash_after_a_submits_202_but_before_its_item_rows_replays_them_once(
+def test_an_answered_submit_whose_item_rows_the_database_refuses_is_replayed_not_lost(
         make_runtime, tmp_path: Path, monkeypatch) -> None:
     """The committer answers a submit once its batch row is in and inserts the item rows in its
-    next transaction; a crash in between must leave the batch whole after replay."""
+    next transaction. If the database keeps refusing them (disk full), it must not skip them as
+    it skips a poison record: it halts with the applied position before them, and a restart
+    replays them."""
     data = tmp_path / "data"
     first = make_runtime(data_dir=data)
     first.scheduler.stop()
     api = Api(test_client=testing.TestClient(first.app))
     who = signup(api, data / "outbox", mode="live")
-    committer = first.jobs.committer
-    real = type(committer)._apply_resilient
 
-    def dies_before_item_rows(self, pairs, end_position):
-        if pairs and pairs[0][0]["type"] == "item.submitted":
-            self._running = False        # later commits are refused, as after a real kill
-            raise _Killed
-        return real(self, pairs, end_position)
+    def disk_full(record, position, group):
+        raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(type(committer), "_apply_resilient", dies_before_item_rows)
-    monkeypatch.setattr("threading.excepthook", lambda args: None)
+    monkeypatch.setitem(view.APPLY, "item.submitted", disk_full)
+    monkeypatch.setattr(committer_module, "APPLY_RETRY_S", 0.001)
     batch = quote_and_submit(api, who["key"], [seed_item(n) for n in range(30)])
-    # Answered, visible, and its whole quoted maximum still reserved against the spend limit.
+    # Answered and visible, with its whole quoted maximum reserved against the spend limit...
     status, shown, _ = api.get(f"/v1/batches/{batch['id']}", token=who["key"])
     assert status == 200 and shown["counts"]["queued"] == 30
     assert db_value(data, "SELECT COUNT(*) FROM item") == 0
     assert open_reservation_micro(who["account"]["id"]) == db_value(
         data, "SELECT quoted_max_micro FROM batch WHERE id = ?", batch["id"]) > 0
+    # ...while the committer, after its retries, has halted: not ready, commits refused (503).
+    deadline = time.monotonic() + 30
+    while first.committer.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert api.get("/readyz")[0] == 503
+    status, error, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=who["key"])
+    assert status == 503 and error["error"]["type"] == "api_error", error
     first.stop()
     monkeypatch.undo()
 
