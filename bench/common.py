@@ -183,19 +183,26 @@ def ended_items(batch: dict) -> int:
     return counts["succeeded"] + counts["failed"] + counts["cancelled"] + counts["expired"]
 
 
+FINAL_POLL_S = 0.01
+
+
 def wait_items_done(api: Api, key: str, batch_id: str, timeout_s: float,
                     poll_s: float = 0.02, at_least: int | None = None) -> dict:
-    """Polls until every item (or `at_least` of them) has ended; bounded by `timeout_s`."""
+    """Polls until every item (or `at_least` of them) has ended; bounded by `timeout_s`.
+
+    Every `poll_s` (each poll costs the server CPU), then every 10 ms for the last 1%: the end
+    is seen within 10 ms instead of up to `poll_s` late (0.1 s: up to 0.3% of scenario 1a)."""
     deadline = time.monotonic() + timeout_s
     while True:
         batch = get_batch(api, key, batch_id)
         wanted = batch["counts"]["total"] if at_least is None else at_least
-        if ended_items(batch) >= wanted or batch["status"] in FINAL:
+        ended = ended_items(batch)
+        if ended >= wanted or batch["status"] in FINAL:
             return batch
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"batch {batch_id}: {ended_items(batch)}/{wanted} items ended "
+            raise TimeoutError(f"batch {batch_id}: {ended}/{wanted} items ended "
                                f"after {timeout_s:.0f} s: {batch['counts']}")
-        time.sleep(poll_s)
+        time.sleep(poll_s if ended < 0.99 * wanted else min(poll_s, FINAL_POLL_S))
 
 
 def wait_ended(api: Api, key: str, batch_id: str, timeout_s: float, poll_s: float = 0.05) -> dict:
