@@ -22,7 +22,7 @@ from core.pricing import ItemsDigest, body_digest, canonical_json
 from core.security import new_id
 from core.urlguard import UnsafeURL, check_url
 from store import batches as batch_store
-from store.jobqueue import item_record
+from store.jobqueue import ItemRecords
 from store.models import Batch, BatchStatus, ItemStatus, Mode, Quote
 from workers.routing import Route, plan_item
 
@@ -246,7 +246,7 @@ class Batches:
         forecast = self.s.forecast(window_s, len(items), deadline)
         memo: dict = {}
         route_pairs: dict[int, list] = {}       # one list per distinct plan, shared by its items
-        digest, records = ItemsDigest(), []
+        digest, records, encoder = ItemsDigest(), [], ItemRecords(shared)
         for idx in range(len(items)):
             item, items[idx] = items[idx], None
             item_json = canonical_json(item)
@@ -255,12 +255,12 @@ class Batches:
             pairs = route_pairs.get(id(plan))
             if pairs is None:
                 pairs = route_pairs[id(plan)] = [[r.model, r.provider] for r in plan.routes] if plan else []
-            records.append(item_record({
-                **shared, "idx": idx, "customer_item_id": item["customer_item_id"],
+            records.append(encoder.record({
+                "idx": idx, "customer_item_id": item["customer_item_id"],
                 "operation": item["operation"], "model": item["model"],
                 "max_output_tokens": plan.output_cap if plan else 0,
                 "est_input_tokens": plan.est_input_tokens if plan else 0,
-                "max_cost_micro": plan.max_micro if plan else 0, "routes": pairs}, item_json))
+                "max_cost_micro": plan.max_micro if plan else 0}, pairs, item_json))
         return records, digest.hexdigest()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:

@@ -222,7 +222,8 @@ class Committer:
         if first is None:
             return None
         group, size = [first], len(first.records)
-        until = time.monotonic() + self._linger
+        # A large submit is a full group on its own: its client should not wait on the linger.
+        until = time.monotonic() + (0.0 if size >= LARGE_GROUP else self._linger)
         while size < self._max_group:
             wait = until - time.monotonic()
             try:

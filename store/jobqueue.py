@@ -52,7 +52,7 @@ class JobQueue:
     # ---- API side ----------------------------------------------------------------------------
 
     def submit_batch(self, batch: dict, items: list[Encoded], idempotency: dict | None) -> None:
-        """The batch, its items (from item_record) and its idempotent 202 in one group.
+        """The batch, its items (from ItemRecords) and its idempotent 202 in one group.
 
         When it returns, every record is durable and the batch row visible; the item rows may
         still be on their way (the committer inserts them next, before any later record).
@@ -230,13 +230,27 @@ def unfinished_line(*, customer_item_id: str, status: str, operation: str, model
     }
 
 
-def item_record(fields: dict, item_json: bytes) -> Encoded:
-    """An item.submitted record around the client's item as the submit already encoded it
-    (canonical JSON, the bytes of the quote's digest): a 10,000-item submit encodes each item
-    once instead of twice. The view needs only `fields`."""
-    record = {"type": "item.submitted", **fields}
-    head = compact_json(record)
-    return record, head[:-1] + b',"item":' + item_json + b"}"
+class ItemRecords:
+    """A batch's item.submitted records, each around the client's item as the submit already
+    encoded it (canonical JSON, the bytes of the quote's digest: each item is encoded once).
+
+    The fields every item shares are encoded once per batch and each distinct route list once
+    (encoding each record whole cost 3.8 µs an item, a third of a 10,000-item submit's per-item
+    Python). The view needs only the record dict; the payload adds the item under "item".
+    """
+
+    def __init__(self, shared: dict) -> None:
+        self._shared = {"type": "item.submitted", **shared}
+        self._prefix = compact_json(self._shared)[:-1] + b","
+        self._routes: dict[int, tuple[list, bytes]] = {}    # id -> (the list, kept alive; JSON)
+
+    def record(self, fields: dict, routes: list, item_json: bytes) -> Encoded:
+        known = self._routes.get(id(routes))
+        if known is None:
+            known = self._routes[id(routes)] = (routes, compact_json(routes))
+        payload = b"".join((self._prefix, compact_json(fields)[1:-1], b',"routes":', known[1],
+                            b',"item":', item_json, b"}"))
+        return {**self._shared, **fields, "routes": routes}, payload
 
 
 def final_status(batch: Batch) -> str:
