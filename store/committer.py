@@ -132,8 +132,6 @@ class Committer:
 
     def replay(self, batch_size: int = 2000) -> int:
         """Applies every journal record past the applied position; aborts torn submits."""
-        count, chunk = 0, []
-        open_submits: set[str] = set()
         start = self.applied_position()
         if start > self._journal.end_position:
             # Only possible if acknowledged records were lost underneath us (a disk that lied
@@ -143,13 +141,10 @@ class Committer:
             start = self._journal.end_position
             with self._db.atomic():
                 view.store_position(start)
+        self._abort_torn_submits(start)
+        count, chunk = 0, []
         for position, next_position, payload in self._journal.iter_from(start):
-            record = json.loads(payload)
-            if record["type"] == "batch.submitted":
-                open_submits.add(record["batch"]["id"])
-            elif record["type"] in ("batch.committed", "batch.aborted"):
-                open_submits.discard(record["batch_id"])
-            chunk.append((record, position))
+            chunk.append((json.loads(payload), position))
             if len(chunk) >= batch_size:
                 self._apply_resilient(chunk, next_position)
                 count += len(chunk)
@@ -157,13 +152,28 @@ class Committer:
         if chunk:
             self._apply_resilient(chunk, self._journal.end_position)
             count += len(chunk)
+        return count
+
+    def _abort_torn_submits(self, start: int) -> None:
+        """A submit whose batch.committed record never made it (the crash hit while its group
+        was written) never happened: its batch.aborted record goes into the journal, fsynced,
+        before anything is applied. Replay stores its position every few thousand records; were
+        the abort decided only at the end, a second crash mid-replay could leave the position
+        past the torn batch.submitted record, and the torn batch would run as if accepted."""
+        open_submits: set[str] = set()
+        for _, _, payload in self._journal.iter_from(start):
+            record = json.loads(payload)
+            if record["type"] == "batch.submitted":
+                open_submits.add(record["batch"]["id"])
+            elif record["type"] in ("batch.committed", "batch.aborted"):
+                open_submits.discard(record["batch_id"])
+        if not open_submits:
+            return
         for batch_id in sorted(open_submits):
             log.warning("batch %s was torn by a crash before its 202; discarding it", batch_id)
-            record, payload = encode({"type": "batch.aborted", "batch_id": batch_id})
-            [position] = self._journal.append([payload])
-            self._journal.sync()
-            self._apply([(record, position)], self._journal.end_position)
-        return count
+        self._journal.append([encode({"type": "batch.aborted", "batch_id": b})[1]
+                              for b in sorted(open_submits)])
+        self._journal.sync()
 
     # ---- running ---------------------------------------------------------------------------
 

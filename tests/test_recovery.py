@@ -10,11 +10,13 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import requests
 from falcon import testing
 
 from store import committer as committer_module
 from store import view
+from store.committer import Committer
 from store.jobqueue import Claim
 from store.ledger import open_reservation_micro
 from tests.fakes.openai_server import FakeOpenAIServer
@@ -127,6 +129,66 @@ def test_torn_tail_and_torn_submit_lose_nothing_acknowledged(make_runtime, tmp_p
                                                 "items": [seed_item(2)]}, token=who["key"])
     assert status == 202, batch
     assert wait_for_end(api, who["key"], batch["id"])["status"] == "completed"
+
+
+class _CrashedMidReplay(Exception):
+    pass
+
+
+def test_a_second_crash_while_replaying_a_torn_submit_still_discards_it(make_runtime, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    """Replay stores its position every few records; the torn submit's abort must be in the
+    journal before the position can pass its batch.submitted record."""
+    data = tmp_path / "data"
+    first = make_runtime(data_dir=data)
+    api = Api(test_client=testing.TestClient(first.app))
+    who = signup(api, data / "outbox", mode="test")
+    status, quote, _ = api.post("/v1/quotes/model", {**SEED_ENVELOPE, "items": [seed_item(2)]},
+                                token=who["key"])
+    assert status == 201
+    first.stop()
+    now = time.time()
+    batch = {"id": "bat_torn", "account": who["account"]["id"], "api_key_id": who["key_id"],
+             "mode": "test", "quote_id": quote["id"], "sla_tier": "standard",
+             "routing_mode": "sla_aware", "privacy_tier": "standard", "allowed_regions": '["global"]',
+             "metadata": "{}", "created_at": now, "deadline_at": now + 60, "total": 3,
+             "quoted_max_micro": 1, "estimated_micro": 1, "webhook_url": None, "webhook_secret": None,
+             "webhook_secret_last4": None, "idempotency_key": None}
+    items = [{"type": "item.submitted", "batch_id": "bat_torn", "idx": n, "account_id": batch["account"],
+              "mode": "test", "deadline_at": now + 60, "customer_item_id": f"t{n}", "operation": "responses",
+              "model": "gpt-5.4-mini", "max_output_tokens": 16, "est_input_tokens": 1, "max_cost_micro": 1,
+              "routes": [["gpt-5.4-mini", "simulator"]], "item": {"input": {"input": "hi"}}}
+             for n in range(3)]
+    with open(_last_segment(data), "ab") as segment:       # no batch.committed: torn
+        for record in [{"type": "batch.submitted", "batch": batch, "idempotency": None}, *items]:
+            segment.write(_frame(record))
+
+    # The first restart dies after applying two records (the batch row and one item).
+    second = make_runtime(data_dir=data, start=False)
+    real = Committer._apply_resilient
+    calls = []
+
+    def dies_after_the_first_chunk(self, pairs, end_position):
+        calls.append(len(pairs))
+        if len(calls) > 1:
+            raise _CrashedMidReplay
+        return real(self, pairs, end_position)
+
+    monkeypatch.setattr(Committer, "_apply_resilient", dies_after_the_first_chunk)
+    monkeypatch.setattr(Committer.replay, "__defaults__", (2,))
+    with pytest.raises(_CrashedMidReplay):
+        second.jobs.recover()
+    assert db_value(data, "SELECT COUNT(*) FROM batch WHERE id = 'bat_torn'") == 1   # half applied
+    second.stop()
+    monkeypatch.undo()
+
+    third = make_runtime(data_dir=data)
+    api = Api(test_client=testing.TestClient(third.app))
+    assert api.get("/v1/batches/bat_torn", token=who["key"])[0] == 404
+    assert db_value(data, "SELECT COUNT(*) FROM item WHERE batch_id = 'bat_torn'") == 0
+    status, accepted, _ = api.post("/v1/batches", {"quote_id": quote["id"], **SEED_ENVELOPE,
+                                                   "items": [seed_item(2)]}, token=who["key"])
+    assert status == 202, accepted       # the torn submit never happened: its quote is free
 
 
 def test_restart_replays_what_sqlite_missed(make_runtime, tmp_path: Path) -> None:
