@@ -137,7 +137,7 @@ def list_params(req: falcon.Request, extra: tuple[str, ...] = ()) -> tuple[int, 
     raw = req.get_param("limit")
     limit = 20
     if raw is not None:
-        if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 100:   # "²" is a digit
             raise InvalidRequest("limit must be an integer from 1 to 100", param="limit",
                                  code="invalid_limit")
         limit = int(raw)

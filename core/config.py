@@ -95,7 +95,7 @@ def _log_level(value: Any) -> str:
 
 def _database_url(value: Any) -> str:
     text = _str(value)
-    if text and text.split(":", 1)[0] not in ("sqlite", "postgres", "postgresql"):
+    if text and text.split(":", 1)[0].lower() not in ("sqlite", "postgres", "postgresql"):
         raise ValueError("must be a sqlite:///path or postgresql://user@host/db URL (or empty)")
     return text
 
@@ -354,6 +354,8 @@ def build(file_data: Mapping[str, Any] | None = None, environ: Mapping[str, str]
             raw = {}
         merged = {**raw, **env.get(section, {}), **(overrides or {}).get(section, {})}
         config[section] = _convert_table(section, merged, fields, problems)
+    if config["email"].get("backend") == "smtp" and not config["email"].get("host"):
+        problems.append("email.host: required for backend 'smtp'")
     config["providers"] = _providers(file_data.get("providers", DEFAULT_PROVIDERS), problems)
     names = {p.get("name") for p in config["providers"]}
     config["models"] = _models(file_data.get("models", DEFAULT_MODELS), names, problems)

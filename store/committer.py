@@ -14,6 +14,7 @@ import ctypes.util
 import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -49,21 +50,27 @@ class Ack:
     outcome, and a concurrent.futures Future runs a Python-level Condition for each wait.
     """
 
-    __slots__ = ("_done", "_value", "_error")
+    __slots__ = ("_done", "_value", "_error", "_answered")
 
     def __init__(self) -> None:
         self._done = threading.Lock()
         self._done.acquire()
         self._value: list[int] = []
         self._error: BaseException | None = None
+        self._answered = False
 
     def set_result(self, value: list[int]) -> None:
-        self._value = value
-        self._done.release()
+        if not self._answered:
+            self._answered = True
+            self._value = value
+            self._done.release()
 
     def set_exception(self, error: BaseException) -> None:
-        self._error = error
-        self._done.release()
+        """The first answer stands: a halt fails every command of its group, answered or not."""
+        if not self._answered:
+            self._answered = True
+            self._error = error
+            self._done.release()
 
     def result(self, timeout: float | None = None) -> list[int]:
         if not self._done.acquire(timeout=-1 if timeout is None else timeout):
@@ -105,7 +112,18 @@ class CommitterStopped(ServiceUnavailable):
 
 
 class CommitterHalted(CommitterStopped):
-    """Records are durable in the journal but the database kept refusing them."""
+    """The database kept refusing what the journal holds; the committer stopped.
+
+    The records of the group it stopped in are durable and are applied on restart, so a caller
+    that gets this does not know whether its change happened: a submit retried with the same
+    Idempotency-Key after the restart gets its 202 replayed if it did.
+    """
+
+
+# Failures of the database itself (disk full, I/O error, locked too long), as opposed to a
+# record that cannot be applied (a bug). The raw sqlite3 one comes from view.flush_items,
+# which uses the driver's executemany directly.
+ENVIRONMENTAL = (peewee.OperationalError, sqlite3.OperationalError)
 
 
 APPLY_ATTEMPTS = 5
@@ -122,6 +140,7 @@ class Committer:
         self._linger = linger_s
         self._thread: threading.Thread | None = None
         self._running = False
+        self._halted = False
         self._trim_due = False
 
     # ---- recovery ------------------------------------------------------------------------
@@ -207,6 +226,8 @@ class Committer:
             raise CommitterStopped("the service is shutting down")
         command = _Command(list(records))
         self._queue.put(command)
+        if self._halted:            # halted between the check and the put: nobody will drain it
+            command.future.set_exception(CommitterStopped("the service stopped committing"))
         return command.future
 
     def commit(self, records: Iterable[Encoded], timeout: float | None = None) -> list[int]:
@@ -255,9 +276,8 @@ class Committer:
                 break
             try:
                 self._write_group(group)
-            except CommitterHalted:
-                log.critical("committer halted: every later commit is refused until a restart")
-                self._running = False
+            except Exception as exc:
+                self._halt(group, exc)
                 break
             # Let go of the records now: a 50,000-item submit must not stay in memory until
             # the next commit arrives.
@@ -274,6 +294,17 @@ class Committer:
                 return
             if command is not None:
                 command.future.set_exception(CommitterStopped("the service is shutting down"))
+
+    def _halt(self, group: list[_Command], cause: Exception) -> None:
+        """Stop committing: nothing more is acknowledged past what the database holds."""
+        log.critical("committer halted (%s): every later commit is refused until a restart", cause)
+        self._halted = True
+        self._running = False
+        error = cause if isinstance(cause, CommitterHalted) else CommitterHalted(
+            f"the database failed while applying journal records ({cause}); the service stopped "
+            "committing and applies them from the journal on restart")
+        for command in group:
+            command.future.set_exception(error)     # the ones already answered keep their answer
 
     def _write_group(self, group: list[_Command]) -> None:
         try:
@@ -305,12 +336,7 @@ class Committer:
         answered = next(i for i, (_, past) in enumerate(spans) if past > cut) + 1
         for command, span in zip(group[:answered], spans):
             _answer(command, span, pairs, failed)
-        try:
-            self._apply_answered(pairs[cut:], self._journal.end_position)
-        except CommitterHalted as exc:
-            for command in group[answered:]:
-                command.future.set_exception(exc)
-            raise
+        self._apply_answered(pairs[cut:], self._journal.end_position)
         for command, span in zip(group[answered:], spans[answered:]):
             _answer(command, span, pairs, {})
 
@@ -337,7 +363,9 @@ class Committer:
         """Applies in one transaction; if that fails, record by record, skipping the bad ones.
 
         A record that cannot be applied is a bug; skipping it (loudly) keeps every other
-        record flowing rather than wedging the service on one poison record.
+        record flowing rather than wedging the service on one poison record. A failing
+        database is no reason to skip anything: that raises CommitterHalted, with the applied
+        position before the record it failed on.
         """
         try:
             self._apply(pairs, end_position)
@@ -349,6 +377,10 @@ class Committer:
             following = pairs[index + 1][1] if index + 1 < len(pairs) else end_position
             try:
                 self._apply([(record, position)], following)
+            except ENVIRONMENTAL as exc:
+                raise CommitterHalted(f"the database failed on the {record.get('type')} record at "
+                                      f"{position} ({exc}); it is applied from the journal on "
+                                      "restart") from exc
             except Exception as exc:
                 log.exception("record %s at %d could not be applied; skipped", record.get("type"), position)
                 failed[index] = exc

@@ -532,7 +532,7 @@ def test_list_filter_pagination_newest_first(api: Api, outbox: Path) -> None:
     assert page["has_more"] is False and page["next_cursor"] is None
     status, page, _ = api.call("GET", f"/v1/batches?status=completed&limit=1&after={ok2['id']}", token=key)
     assert [b["id"] for b in page["data"]] == [ok1["id"]]
-    for query in ("limit=0", "limit=101", "limit=abc", "status=done", "colour=red"):
+    for query in ("limit=0", "limit=101", "limit=abc", "limit=%C2%B2", "status=done", "colour=red"):
         status, error, _ = api.call("GET", f"/v1/batches?{query}", token=key)
         assert status == 422 and error["error"]["type"] == "invalid_request_error", (query, error)
 

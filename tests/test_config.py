@@ -67,6 +67,12 @@ def test_closed_choices_are_checked(section: str, key: str, value: str) -> None:
     assert len(problems) == 1 and problems[0].startswith(f"{section}.{key}:"), problems
 
 
+def test_smtp_needs_a_host_and_url_schemes_are_case_blind() -> None:
+    _, problems = build({"email": {"backend": "smtp", "host": ""}})
+    assert problems == ["email.host: required for backend 'smtp'"]
+    assert build({"server": {"database_url": "SQLITE:////tmp/x.db"}})[1] == []
+
+
 def build(file_data: dict | None = None, environ: dict | None = None,
           overrides: dict | None = None) -> tuple[dict, list[str]]:
     return config_mod.build(file_data or {}, environ or {}, overrides)

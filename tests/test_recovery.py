@@ -5,11 +5,13 @@ import json
 import os
 import sqlite3
 import struct
+import threading
 import time
 import zlib
 from collections import Counter
 from pathlib import Path
 
+import peewee
 import pytest
 import requests
 from falcon import testing
@@ -283,6 +285,9 @@ def test_an_answered_submit_whose_item_rows_the_database_refuses_is_replayed_not
     status, error, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=who["key"])
     assert status == 503 and error["error"]["type"] == "api_error", error
     first.stop()
+    # A restart while the database still refuses them does not skip them either: it does not start.
+    with pytest.raises(committer_module.CommitterHalted):
+        make_runtime(data_dir=data)
     monkeypatch.undo()
 
     second = make_runtime(data_dir=data)
@@ -291,6 +296,64 @@ def test_an_answered_submit_whose_item_rows_the_database_refuses_is_replayed_not
     assert done["status"] == "completed" and done["counts"]["succeeded"] == 30
     assert db_value(data, "SELECT COUNT(*) FROM item WHERE batch_id = ?", batch["id"]) == 30
     assert db_value(data, "SELECT COUNT(*) FROM ledgerentry WHERE batch_id = ?", batch["id"]) == 30
+
+
+def test_a_failing_database_halts_the_committer_and_nobody_waits_forever(make_runtime, tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    """Any record the database refuses (not only a submit's item rows) halts the committer with
+    the position before it: callers get a 503 instead of waiting on a dead thread, /readyz says
+    so, and the durable record is applied on restart."""
+    data = tmp_path / "data"
+    first = make_runtime(data_dir=data, scheduler={"max_threads": 1})
+    api = Api(test_client=testing.TestClient(first.app))
+    who = signup(api, data / "outbox", mode="test")
+    first.scheduler.stop()                      # the batch stays queued until the cancel
+    batch = quote_and_submit(api, who["key"], [seed_item(n) for n in range(3)])
+    first.jobs.committer.commit([])             # its item rows are in
+
+    def io_error(record, position, group):
+        raise peewee.OperationalError("disk I/O error")
+
+    monkeypatch.setitem(view.APPLY, "batch.cancel_requested", io_error)
+    status, error, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=who["key"])
+    assert status == 503 and error["error"]["code"] == "unavailable", error
+    assert not first.committer.running and api.get("/readyz")[0] == 503
+    status, error, _ = api.post(f"/v1/batches/{batch['id']}/cancel", token=who["key"])
+    assert status == 503, error                  # later commits are refused at once
+    first.stop()
+    monkeypatch.undo()
+
+    second = make_runtime(data_dir=data)
+    api = Api(test_client=testing.TestClient(second.app))
+    done = wait_for_end(api, who["key"], batch["id"])
+    assert done["status"] == "cancelled" and done["counts"]["cancelled"] == 3, done
+
+
+def test_a_commit_whose_position_cannot_be_stored_is_answered_not_left_waiting(make_runtime,
+                                                                               monkeypatch) -> None:
+    """The failure escapes even the record-by-record fallback: the committer thread must not just
+    die with its callers waiting on it."""
+    runtime = make_runtime()
+    api = Api(test_client=testing.TestClient(runtime.app))
+
+    def full(position: int) -> None:
+        raise peewee.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(view, "store_position", full)
+    answers: list = []
+    writer = threading.Thread(target=lambda: answers.append(_commit_outcome(runtime)), daemon=True)
+    writer.start()
+    writer.join(timeout=30)
+    assert answers and isinstance(answers[0], committer_module.CommitterStopped), answers
+    assert not runtime.committer.running and api.get("/readyz")[0] == 503
+
+
+def _commit_outcome(runtime) -> object:
+    record = committer_module.encode({"type": "batch.artifacts_removed", "batch_id": "bat_none", "at": 0.0})
+    try:
+        return runtime.jobs.committer.commit([record])
+    except Exception as exc:
+        return exc
 
 
 def db_value(data: Path, sql: str, *params: object) -> object:
